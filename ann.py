@@ -1,0 +1,88 @@
+"""Fashion-MNIST with a fully connected network: 784 -> 128 -> 64 -> 10, with BatchNorm and dropout.
+
+Run `python ann.py`, or override any constant below from the command line (`python ann.py --epochs 5`).
+"""
+
+import torch
+import torch.nn as nn
+
+import common
+
+# --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python ann.py --help` lists them.
+EPOCHS = 60  # passes over the training split
+BATCH_SIZE = 256  # images per optimizer step
+LR = 0.003  # peak learning rate of the one-cycle schedule (AdamW)
+WEIGHT_DECAY = 0.05  # AdamW's decoupled weight decay, >= 0
+WARMUP = 0.2  # fraction of the steps spent warming the learning rate up, in (0, 1)
+DROPOUT = 0.1  # dropout after each hidden layer, in [0, 1)
+LABEL_SMOOTHING = 0.1  # share of each target spread over the other classes, in [0, 1)
+MAX_SHIFT = 1  # random translation of training images, in pixels (0 = off)
+FLIP = True  # mirror training images left-right at random
+EMA_DECAY = 0.999  # exponential moving average of the weights, evaluated instead of them (0 = off)
+TTA_FLIP = True  # at evaluation, average the predictions on each image and its mirror
+VAL_SIZE = 5000  # training images held out for validation, class-balanced (0 = train on all 60,000)
+SUBSET = 0  # use only the first N training and N test images, for quick dry runs (0 = all)
+SEED = 0  # seeds initialisation, the validation split, batch order and augmentation
+DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
+PRECISION = "fp32"  # auto (bf16 where the hardware has fast bf16), bf16 or fp32; this net is too small to gain
+DATA_DIR = ""  # folder with the Fashion-MNIST files ("" = $FASHION_MNIST_DIR, ./data, the Debian package, download)
+OUT_DIR = ""  # where run folders go ("" = runs/ beside this script)
+
+CHECKS = {"WARMUP": (lambda v: 0 < v < 1, "a number in (0, 1)")}
+
+
+class ANN(nn.Module):
+    def __init__(self, dropout=DROPOUT):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(28 * 28, 128, bias=False),  # BatchNorm supplies the bias
+            nn.BatchNorm1d(128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(128, 64, bias=False),
+            nn.BatchNorm1d(64),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(64, 10),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def main(argv=None):
+    hp = common.parse_hparams(globals(), argv, CHECKS)
+    run = common.Run("ann", hp)
+    common.seed_everything(hp["SEED"])
+    run.print_header()
+    data = common.to_device_normalized(common.load_splits(hp), run.device)
+
+    model = ANN(hp["DROPOUT"]).to(run.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp["LR"], weight_decay=hp["WEIGHT_DECAY"])
+    steps_per_epoch = -(-len(data["train"][0]) // hp["BATCH_SIZE"])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, hp["LR"], total_steps=hp["EPOCHS"] * steps_per_epoch, pct_start=hp["WARMUP"]
+    )
+    ema = common.EMA(model, hp["EMA_DECAY"]) if hp["EMA_DECAY"] else None
+
+    def augment(x, generator):
+        return common.random_flip_and_shift(x, hp["MAX_SHIFT"], generator, flip=hp["FLIP"])
+
+    return common.train(
+        run,
+        model,
+        data,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=hp["LABEL_SMOOTHING"]),
+        epochs=hp["EPOCHS"],
+        batch_size=hp["BATCH_SIZE"],
+        augment=augment if hp["MAX_SHIFT"] or hp["FLIP"] else None,
+        ema=ema,
+        tta_flip=hp["TTA_FLIP"],
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.run_main(main))

@@ -1,0 +1,102 @@
+"""Fashion-MNIST with a small convolutional network: two conv layers (32 and 64 channels) and a classifier.
+
+Run `python cnn.py`, or override any constant below from the command line (`python cnn.py --epochs 5`).
+"""
+
+import torch
+import torch.nn as nn
+
+import common
+
+# --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python cnn.py --help` lists them.
+EPOCHS = 20  # passes over the training split
+BATCH_SIZE = 256  # images per optimizer step
+LR = 0.1  # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
+MOMENTUM = 0.9  # SGD momentum, in [0, 1)
+WEIGHT_DECAY = 5e-4  # L2 penalty on all weights, >= 0
+WARMUP = 0.2  # fraction of the steps spent warming the learning rate up, in (0, 1)
+DROPOUT = 0.3  # dropout before the last linear layer, in [0, 1)
+FC_WIDTH = 256  # units of the fully connected hidden layer
+LABEL_SMOOTHING = 0.1  # share of each target spread over the other classes, in [0, 1)
+MAX_SHIFT = 2  # random translation of training images, in pixels (0 = off)
+FLIP = True  # mirror training images left-right at random
+EMA_DECAY = 0.999  # exponential moving average of the weights, evaluated instead of them (0 = off)
+TTA_FLIP = True  # at evaluation, average the predictions on each image and its mirror
+VAL_SIZE = 5000  # training images held out for validation, class-balanced (0 = train on all 60,000)
+SUBSET = 0  # use only the first N training and N test images, for quick dry runs (0 = all)
+SEED = 0  # seeds initialisation, the validation split, batch order and augmentation
+DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
+PRECISION = "auto"  # auto (bf16 where the hardware has fast bf16), bf16 or fp32
+DATA_DIR = ""  # folder with the Fashion-MNIST files ("" = $FASHION_MNIST_DIR, ./data, the Debian package, download)
+OUT_DIR = ""  # where run folders go ("" = runs/ beside this script)
+
+CHECKS = {
+    "MOMENTUM": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "WARMUP": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "FC_WIDTH": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+class CNN(nn.Module):
+    def __init__(self, fc_width=FC_WIDTH, dropout=DROPOUT):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=3, padding=1, bias=False),  # BatchNorm supplies the bias
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 28x28 -> 14x14
+            nn.Conv2d(32, 64, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),  # 14x14 -> 7x7
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, fc_width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(fc_width, 10),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def main(argv=None):
+    hp = common.parse_hparams(globals(), argv, CHECKS)
+    run = common.Run("cnn", hp)
+    common.seed_everything(hp["SEED"])
+    run.print_header()
+    data = common.to_device_normalized(common.load_splits(hp), run.device)
+
+    # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
+    model = CNN(hp["FC_WIDTH"], hp["DROPOUT"]).to(run.device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=hp["LR"], momentum=hp["MOMENTUM"], nesterov=True, weight_decay=hp["WEIGHT_DECAY"]
+    )
+    steps_per_epoch = -(-len(data["train"][0]) // hp["BATCH_SIZE"])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, hp["LR"], total_steps=hp["EPOCHS"] * steps_per_epoch, pct_start=hp["WARMUP"]
+    )
+    ema = common.EMA(model, hp["EMA_DECAY"]) if hp["EMA_DECAY"] else None
+
+    def augment(x, generator):
+        return common.random_flip_and_shift(x, hp["MAX_SHIFT"], generator, flip=hp["FLIP"])
+
+    return common.train(
+        run,
+        model,
+        data,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=hp["LABEL_SMOOTHING"]),
+        epochs=hp["EPOCHS"],
+        batch_size=hp["BATCH_SIZE"],
+        augment=augment if hp["MAX_SHIFT"] or hp["FLIP"] else None,
+        ema=ema,
+        tta_flip=hp["TTA_FLIP"],
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.run_main(main))

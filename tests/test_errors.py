@@ -1,0 +1,145 @@
+"""Bad settings, bad data and runs that go wrong: exit code, one clear line, and what is left on disk."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ann
+import cnn
+import common
+from conftest import ROOT
+
+SMALL = ["--subset", "1200", "--val-size", "200", "--batch-size", "100", "--epochs", "1"]
+
+
+def run_cli(script, argv, capsys):
+    """common.run_main as the command line uses it: (exit code, stderr lines)."""
+    code = common.run_main(script.main, argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "two"], "--epochs"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "55001"], "--batch-size"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "-0.1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "fast"], "--lr"),
+        (["--weight-decay", "-1e-4"], "--weight-decay"),
+        (["--dropout", "1"], "--dropout"),
+        (["--dropout", "-0.1"], "--dropout"),
+        (["--val-size", "-1"], "--val-size"),
+        (["--val-size", "60000"], "--val-size"),
+        (["--device", "tpu"], "--device"),
+        (["--precision", "fp8"], "--precision"),
+        (["--fc-width", "0"], "--fc-width"),
+        (["--subset", "1000", "--val-size", "1000"], "--val-size"),
+        (["--no-such-flag", "1"], "--no-such-flag"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(argv, names, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "load_fashion_mnist", lambda *a: pytest.fail("data loaded despite a bad setting"))
+    code, err = run_cli(cnn, argv + ["--out-dir", str(tmp_path)], capsys)
+    assert code == 2
+    assert len(err) == 1 and names in err[0] and "Traceback" not in err[0]
+    assert not any(tmp_path.iterdir())  # no run folder either
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_device_is_refused(capsys, tmp_path):
+    code, err = run_cli(ann, ["--device", "cuda", "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "no CUDA GPU" in err[0]
+
+
+def test_bad_data_file_exits_2_with_one_line_naming_it(tmp_path):
+    for name in common.FILES:
+        (tmp_path / (name + ".gz")).write_bytes(b"\x1f\x8b not really gzip")
+    result = subprocess.run(
+        [sys.executable, "ann.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "train-images-idx3-ubyte.gz" in err[0] and "Traceback" not in result.stderr
+
+
+def test_unreadable_data_folder_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(os, "access", lambda *a: False)  # tests run as root, where chmod does not stop reads
+    code, err = run_cli(ann, ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and len(err) == 1 and "not readable" in err[0]
+
+
+def test_failed_download_says_where_data_can_come_from(tmp_path, monkeypatch, capsys):
+    from torchvision.datasets import FashionMNIST
+
+    monkeypatch.setattr(common, "HERE", tmp_path)
+    monkeypatch.setattr(common, "DEBIAN_DIR", tmp_path / "no-debian-package")
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])  # nothing listens there
+    code, err = run_cli(ann, ["--out-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and len(err) == 1
+    assert common.DOWNLOAD_URL in err[0] and "dataset-fashion-mnist" in err[0] and "--data-dir" in err[0]
+
+
+def test_unwritable_output_folder_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err = run_cli(ann, ["--out-dir", str(blocker / "runs")], capsys)
+    assert code == 2 and len(err) == 1 and "run folder" in err[0]
+
+
+def test_full_disk_leaves_no_half_written_json(real_data_dir, out_dir, monkeypatch, capsys):
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    code, err = run_cli(ann, SMALL + ["--out-dir", str(out_dir)], capsys)
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0]
+    (run_dir,) = out_dir.iterdir()
+    assert [p.name for p in run_dir.iterdir() if p.suffix in (".json", ".tmp")] == []
+
+
+def test_divergence_stops_with_status_diverged(real_data_dir, out_dir, capsys):
+    code, err = run_cli(cnn, SMALL + ["--epochs", "3", "--lr", "1e12", "--out-dir", str(out_dir)], capsys)
+    assert code == 1 and "smaller --lr" in err[-1]
+    (run_dir,) = out_dir.iterdir()
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "diverged" and record["final"] is None
+
+
+def test_ctrl_c_keeps_completed_epochs(real_data_dir, tmp_path):
+    out = tmp_path / "runs"
+    process = subprocess.Popen(
+        [sys.executable, "ann.py", "--subset", "3000", "--val-size", "500", "--epochs", "1000", "--out-dir", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    record = {}
+    while time.monotonic() < deadline and len(record.get("history", [])) < 2:
+        time.sleep(0.2)
+        metrics = list(out.glob("*/metrics.json"))
+        if metrics:
+            record = json.loads(metrics[0].read_text())
+    process.send_signal(signal.SIGINT)
+    stopped = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - stopped < 5
+    assert process.returncode == 130 and "Traceback" not in stderr
+    record = json.loads(metrics[0].read_text())
+    assert record["status"] == "interrupted" and len(record["history"]) >= 2
+    assert (metrics[0].parent / "curves.png").stat().st_size > 0
