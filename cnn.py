@@ -64,38 +64,40 @@ class CNN(nn.Module):
 
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv, CHECKS)
-    run = common.Run("cnn", hp)
-    common.seed_everything(hp["SEED"])
-    run.print_header()
-    data = common.to_device_normalized(common.load_splits(hp), run.device)
+    with common.Run("cnn", hp) as run:
+        common.seed_everything(hp["SEED"])
+        run.print_header()
+        splits = common.load_splits(hp)
+        data = common.to_device_normalized(splits, run.device)
 
-    # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
-    model = CNN(hp["FC_WIDTH"], hp["DROPOUT"]).to(run.device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=hp["LR"], momentum=hp["MOMENTUM"], nesterov=True, weight_decay=hp["WEIGHT_DECAY"]
-    )
-    steps_per_epoch = -(-len(data["train"][0]) // hp["BATCH_SIZE"])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, hp["LR"], total_steps=hp["EPOCHS"] * steps_per_epoch, pct_start=hp["WARMUP"]
-    )
-    ema = common.EMA(model, hp["EMA_DECAY"]) if hp["EMA_DECAY"] else None
+        # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
+        model = CNN(hp["FC_WIDTH"], hp["DROPOUT"]).to(run.device, memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=hp["LR"], momentum=hp["MOMENTUM"], nesterov=True, weight_decay=hp["WEIGHT_DECAY"]
+        )
+        steps_per_epoch = -(-len(data["train"][0]) // hp["BATCH_SIZE"])
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, hp["LR"], total_steps=hp["EPOCHS"] * steps_per_epoch, pct_start=hp["WARMUP"]
+        )
+        ema = common.EMA(model, hp["EMA_DECAY"]) if hp["EMA_DECAY"] else None
 
-    def augment(x, generator):
-        return common.random_flip_and_shift(x, hp["MAX_SHIFT"], generator, flip=hp["FLIP"])
+        def augment(x, generator):
+            return common.random_flip_and_shift(x, hp["MAX_SHIFT"], generator, flip=hp["FLIP"])
 
-    return common.train(
-        run,
-        model,
-        data,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=hp["LABEL_SMOOTHING"]),
-        epochs=hp["EPOCHS"],
-        batch_size=hp["BATCH_SIZE"],
-        augment=augment if hp["MAX_SHIFT"] or hp["FLIP"] else None,
-        ema=ema,
-        tta_flip=hp["TTA_FLIP"],
-    )
+        return common.train(
+            run,
+            model,
+            data,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=nn.CrossEntropyLoss(label_smoothing=hp["LABEL_SMOOTHING"]),
+            epochs=hp["EPOCHS"],
+            batch_size=hp["BATCH_SIZE"],
+            augment=augment if hp["MAX_SHIFT"] or hp["FLIP"] else None,
+            ema=ema,
+            tta_flip=hp["TTA_FLIP"],
+            test_images=splits["test"][0],
+        )
 
 
 if __name__ == "__main__":

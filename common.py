@@ -11,6 +11,7 @@ import copy
 import datetime
 import gzip
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -401,6 +402,36 @@ class Run:
             ) from None
         raise UserError(f"{out_dir} already holds 1000 runs named {self.script}-{stamp}; choose another --out-dir")
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        """A run stopped by Ctrl-C or divergence keeps its record and plots of the epochs it finished."""
+        if exc_type is KeyboardInterrupt:
+            self.finish("interrupted")
+        elif exc_type is Diverged:
+            self.finish("diverged")
+        return False
+
+    def finish(self, status):
+        """Record the status, write metrics.json and curves.png, and print the summary line."""
+        self.record["status"] = status
+        self.save()
+        if self.record["history"]:
+            plot_curves(self.record["history"], self.dir / "curves.png", title=f"{self.script}  ({self.dir.name})")
+        final = self.record["final"]
+        if final:
+            val = "n/a" if final["val_acc"] is None else f"{final['val_acc']:.2%}"
+            print(
+                f"{self.script}: train_acc={final['train_acc']:.2%} val_acc={val} "
+                f"test_acc={final['test_acc']:.2%} seconds={final['seconds']:.1f}"
+            )
+        else:
+            done = len(self.record["history"])
+            print(
+                f"{self.script}: {status} after {done} epoch(s); record in {self.dir / 'metrics.json'}", file=sys.stderr
+            )
+
     @property
     def bf16(self):
         return self.precision == "bf16"
@@ -446,117 +477,128 @@ def evaluate(model, x, y, run, tta_flip=False):
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
+def train_one_epoch(run, model, x, y, *, optimizer, loss_fn, batch_size, generator, scheduler, augment, ema, desc):
+    """One pass over (x, y) in a fresh random order; returns (mean loss, accuracy) on the batches seen."""
+    model.train()
+    loss_sum = torch.zeros((), device=run.device)
+    correct = torch.zeros((), device=run.device, dtype=torch.long)
+    order = torch.randperm(len(x), device=run.device, generator=generator)
+    batches = order.split(batch_size)
+    for step, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=not sys.stdout.isatty())):
+        xb, yb = x[idx], y[idx]
+        if augment is not None:
+            xb = augment(xb, generator)
+        with run.autocast():
+            logits = model(xb)
+            loss = loss_fn(logits.float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == yb).sum()
+        if step % 20 == 0 and not torch.isfinite(loss_sum):  # a host sync, so only every 20 steps
+            break
+    train_loss = loss_sum.item() / len(x)
+    if not math.isfinite(train_loss):
+        raise Diverged(desc)
+    return train_loss, correct.item() / len(x)
+
+
 def train(
-    run, model, data, *, optimizer, loss_fn, epochs, batch_size, scheduler=None, augment=None, ema=None, tta_flip=False
+    run,
+    model,
+    data,
+    *,
+    optimizer,
+    loss_fn,
+    epochs,
+    batch_size,
+    scheduler=None,
+    augment=None,
+    ema=None,
+    tta_flip=False,
+    test_images=None,
 ):
     """Train, evaluate on validation each epoch and on test once; record everything in the run.
 
     The scheduler steps once per batch. `augment(x, generator)` transforms a training batch;
-    `ema` (an EMA of the model) is updated every step and evaluated instead.
-    Returns the `final` metrics. Raises Diverged or KeyboardInterrupt after saving the record.
+    `ema` (an EMA of the model) is updated every step and evaluated instead of the model.
+    `test_images` are what misclassified.png shows (default: the test inputs). Returns `final`.
     """
-    x_train, y_train = data["train"]
-    x_val, y_val = data["val"]
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = data["train"], data["val"], data["test"]
     generator = torch.Generator(run.device).manual_seed(run.hp["SEED"])
     evaluated = ema if ema is not None else model
-    n = len(x_train)
-    steps = math.ceil(n / batch_size)
-    show_progress = sys.stdout.isatty()
     run.record["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(
-        f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} {'lr':>9} {'seconds':>7}",
-        flush=True,
-    )
-    try:
-        for epoch in range(1, epochs + 1):
-            epoch_start = time.perf_counter()
-            model.train()
-            loss_sum = torch.zeros((), device=run.device)
-            correct = torch.zeros((), device=run.device, dtype=torch.long)
-            order = torch.randperm(n, device=run.device, generator=generator)
-            for step, idx in enumerate(
-                tqdm(
-                    order.split(batch_size), total=steps, leave=False, disable=not show_progress, desc=f"epoch {epoch}"
-                )
-            ):
-                xb, yb = x_train[idx], y_train[idx]
-                if augment is not None:
-                    xb = augment(xb, generator)
-                with run.autocast():
-                    logits = model(xb)
-                    loss = loss_fn(logits.float(), yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                if ema is not None:
-                    ema.update(model)
-                loss_sum += loss.detach() * len(idx)
-                correct += (logits.argmax(1) == yb).sum()
-                if step % 20 == 0 and not torch.isfinite(loss_sum):  # a host sync, so only every 20 steps
-                    break
-            train_seconds = time.perf_counter() - epoch_start
-            train_loss = loss_sum.item() / n
-            if not math.isfinite(train_loss):
-                raise Diverged(f"epoch {epoch}")
-            val_loss, val_acc = (
-                evaluate(evaluated, x_val, y_val, run, tta_flip) if len(x_val) else (float("nan"), float("nan"))
-            )
-            entry = {
+    print(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} {'lr':>9} {'seconds':>7}")
+    for epoch in range(1, epochs + 1):
+        epoch_start = time.perf_counter()
+        train_loss, train_acc = train_one_epoch(
+            run,
+            model,
+            x_train,
+            y_train,
+            optimizer=optimizer,
+            loss_fn=loss_fn,
+            batch_size=batch_size,
+            generator=generator,
+            scheduler=scheduler,
+            augment=augment,
+            ema=ema,
+            desc=f"epoch {epoch}",
+        )
+        train_seconds = time.perf_counter() - epoch_start
+        val_loss, val_acc = evaluate(evaluated, x_val, y_val, run, tta_flip) if len(x_val) else (None, None)
+        lr = optimizer.param_groups[0]["lr"]
+        run.record["history"].append(
+            {
                 "epoch": epoch,
                 "train_loss": train_loss,
-                "train_acc": correct.item() / n,
-                "val_loss": val_loss if len(x_val) else None,
-                "val_acc": val_acc if len(x_val) else None,
-                "lr": optimizer.param_groups[0]["lr"],
+                "train_acc": train_acc,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "lr": lr,
                 "train_seconds": train_seconds,
             }
-            run.record["history"].append(entry)
-            run.save()
-            print(
-                f"{epoch:>5} {train_loss:>10.4f} {entry['train_acc']:>9.2%} {val_loss:>8.4f} {val_acc:>7.2%} "
-                f"{entry['lr']:>9.2e} {time.perf_counter() - epoch_start:>7.1f}",
-                flush=True,
-            )
-    except Diverged:
-        finish(run, "diverged")
-        raise
-    except KeyboardInterrupt:
-        finish(run, "interrupted")
-        raise
-    train_loss, train_acc = evaluate(evaluated, x_train, y_train, run, tta_flip)
-    test_loss, test_acc = evaluate(evaluated, *data["test"], run, tta_flip)
-    last = run.record["history"][-1]
+        )
+        run.save()
+        val = f"{val_loss:>8.4f} {val_acc:>7.2%}" if len(x_val) else f"{'-':>8} {'-':>7}"
+        seconds = time.perf_counter() - epoch_start
+        print(f"{epoch:>5} {train_loss:>10.4f} {train_acc:>9.2%} {val} {lr:>9.2e} {seconds:>7.1f}", flush=True)
+
+    _, train_acc = evaluate(evaluated, x_train, y_train, run, tta_flip)
+    test_logits = predict(evaluated, x_test, run, tta_flip)
+    predicted = test_logits.argmax(1)
+    confusion = torch.zeros(10, 10, dtype=torch.long, device=predicted.device)
+    confusion.index_put_((y_test, predicted), torch.ones_like(y_test), accumulate=True)
     run.record["final"] = {
         "train_acc": train_acc,
-        "val_acc": last["val_acc"],
-        "test_acc": test_acc,
-        "test_loss": test_loss,
+        "val_acc": run.record["history"][-1]["val_acc"],
+        "test_acc": (predicted == y_test).float().mean().item(),
+        "test_loss": F.cross_entropy(test_logits, y_test).item(),
         "seconds": run.seconds(),
     }
-    finish(run, "completed")
+    confusion = confusion.cpu()
+    run.record["per_class_test_acc"] = {
+        name: (confusion[i, i] / confusion[i].sum().clamp(min=1)).item() for i, name in enumerate(CLASSES)
+    }
+    run.record["test_confusion"] = confusion.tolist()
+    save_state_dict(evaluated.module if isinstance(evaluated, EMA) else evaluated, run.dir / "model.pt")
+    plot_confusion(confusion, run.dir / "confusion.png", title=f"{run.script}: test confusion, rows = true class")
+    images = test_images if test_images is not None else x_test
+    plot_misclassified(images.cpu(), y_test.cpu(), test_logits.cpu(), run.dir / "misclassified.png")
+    run.finish("completed")
     return run.record["final"]
 
 
-def finish(run, status):
-    """Record the status, write metrics.json and the plots, and print the one-line summary."""
-    run.record["status"] = status
-    run.save()
-    if run.record["history"]:
-        plot_curves(run.record["history"], run.dir / "curves.png", title=f"{run.script}  ({run.dir.name})")
-    final = run.record["final"]
-    if final:
-        val = "n/a" if final["val_acc"] is None else f"{final['val_acc']:.2%}"
-        print(
-            f"{run.script}: train_acc={final['train_acc']:.2%} val_acc={val} "
-            f"test_acc={final['test_acc']:.2%} seconds={final['seconds']:.1f}"
-        )
-    else:
-        print(
-            f"{run.script}: {status} after {len(run.record['history'])} epoch(s); record in {run.dir / 'metrics.json'}",
-            file=sys.stderr,
-        )
+def save_state_dict(model, path):
+    """The weights as a plain state dict of CPU tensors: loadable with torch.load(path, weights_only=True)."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,6 +619,54 @@ def plot_curves(history, path, title=""):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_confusion(confusion, path, title=""):
+    """The confusion matrix normalised per true class (rows sum to 1), with per-class accuracy."""
+    from matplotlib.figure import Figure
+
+    rates = (confusion / confusion.sum(1, keepdim=True).clamp(min=1)).numpy()
+    fig = Figure(figsize=(9, 8), dpi=100)
+    ax = fig.add_subplot()
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(10):
+        for j in range(10):
+            if rates[i, j] >= 0.005:
+                ax.text(
+                    j,
+                    i,
+                    f"{rates[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
+    ax.set_xticks(range(10), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(10), [f"{name} ({rates[i, i]:.1%})" for i, name in enumerate(CLASSES)])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (per-class accuracy)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_misclassified(images, labels, logits, path, count=24):
+    """A grid of the test images the model was most confident about and got wrong."""
+    from matplotlib.figure import Figure
+
+    probabilities = logits.softmax(1)
+    confidence, predicted = probabilities.max(1)
+    wrong = (predicted != labels).nonzero().flatten()
+    wrong = wrong[confidence[wrong].argsort(descending=True)][:count]
+    fig = Figure(figsize=(12, 9), dpi=100)
+    for k, i in enumerate(wrong.tolist()):
+        ax = fig.add_subplot(4, 6, k + 1)
+        ax.imshow(images[i].float().mean(0).numpy(), cmap="gray_r")
+        ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predicted[i]]} ({confidence[i]:.0%})", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{len(wrong)} most confident mistakes of {int((predicted != labels).sum())}")
     fig.tight_layout()
     fig.savefig(path)
 
