@@ -275,11 +275,18 @@ def stratified_split(labels, val_size, seed):
 
 
 def load_splits(hp):
-    """uint8 train/val/test splits as a dict, honouring DATA_DIR, SUBSET, VAL_SIZE and SEED."""
-    x_train, y_train, x_test, y_test = load_fashion_mnist(hp["DATA_DIR"] or None)
-    if hp["SUBSET"]:
-        x_train, y_train = x_train[: hp["SUBSET"]], y_train[: hp["SUBSET"]]
-        x_test, y_test = x_test[: hp["SUBSET"]], y_test[: hp["SUBSET"]]
+    """uint8 train/val/test splits of Fashion-MNIST, honouring DATA_DIR, SUBSET, VAL_SIZE and SEED."""
+    return split_data(hp, *load_fashion_mnist(hp["DATA_DIR"] or None))
+
+
+def take_subset(n, *arrays):
+    """The first n rows of each array (all of them when n is 0): SUBSET, for quick dry runs."""
+    return tuple(a[:n] for a in arrays) if n else arrays
+
+
+def split_data(hp, x_train, y_train, x_test, y_test):
+    """{"train", "val", "test"}: (x, y) pairs, the validation images held out of the training set."""
+    x_train, y_train, x_test, y_test = take_subset(hp["SUBSET"], x_train, y_train, x_test, y_test)
     train_idx, val_idx = stratified_split(y_train, hp["VAL_SIZE"], hp["SEED"])
     return {
         "train": (x_train[train_idx], y_train[train_idx]),
@@ -354,6 +361,7 @@ def atomic_write(path, data):
     """Write-then-rename, so a reader never sees a half-written file; a full disk is a user error."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -362,6 +370,28 @@ def atomic_write(path, data):
     except OSError as error:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {error.strerror}; free some space or choose another --out-dir") from None
+
+
+def save_tensors(path, tensors):
+    """A dict of tensors (and strings), saved atomically in torch's format: no pickle needed to load it."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in tensors.items()}, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_cached_tensors(path, key):
+    """The dict save_tensors wrote to path if its "key" entry equals key; None (after a notice) otherwise."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(saved, dict) and saved.get("key") == key:
+            return saved
+        reason = "stale (made with other settings)"
+    except Exception as error:  # any unreadable file is treated the same way: rebuilt
+        reason = f"corrupt ({type(error).__name__})"
+    print(f"cache {path} is {reason}; rebuilding it", flush=True)
+    return None
 
 
 class Run:
@@ -596,9 +626,7 @@ def train(
 
 def save_state_dict(model, path):
     """The weights as a plain state dict of CPU tensors: loadable with torch.load(path, weights_only=True)."""
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    atomic_write(path, buffer.getvalue())
+    save_tensors(path, model.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------
