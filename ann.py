@@ -3,6 +3,8 @@
 Run `python ann.py`, or override any constant below from the command line (`python ann.py --epochs 5`).
 """
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -11,7 +13,7 @@ import common
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python ann.py --help` lists them.
 EPOCHS = 60  # passes over the training split
 BATCH_SIZE = 256  # images per optimizer step
-LR = 0.003  # peak learning rate of the one-cycle schedule (AdamW)
+LR = 0.003  # peak learning rate (linear warm-up, then cosine decay to 0) (AdamW)
 WEIGHT_DECAY = 0.05  # AdamW's decoupled weight decay, >= 0
 WARMUP = 0.2  # fraction of the steps spent warming the learning rate up, in (0, 1)
 DROPOUT = 0.1  # dropout after each hidden layer, in [0, 1)
@@ -61,10 +63,8 @@ def main(argv=None):
 
         model = ANN(hp["DROPOUT"]).to(run.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=hp["LR"], weight_decay=hp["WEIGHT_DECAY"])
-        steps_per_epoch = -(-len(data["train"][0]) // hp["BATCH_SIZE"])
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, hp["LR"], total_steps=hp["EPOCHS"] * steps_per_epoch, pct_start=hp["WARMUP"]
-        )
+        total_steps = hp["EPOCHS"] * math.ceil(len(data["train"][0]) / hp["BATCH_SIZE"])
+        scheduler = common.warmup_cosine(optimizer, total_steps, hp["WARMUP"])
         ema = common.EMA(model, hp["EMA_DECAY"]) if hp["EMA_DECAY"] else None
 
         def augment(x, generator):

@@ -3,6 +3,8 @@
 Run `python cnn.py`, or override any constant below from the command line (`python cnn.py --epochs 5`).
 """
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -11,7 +13,7 @@ import common
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python cnn.py --help` lists them.
 EPOCHS = 20  # passes over the training split
 BATCH_SIZE = 256  # images per optimizer step
-LR = 0.1  # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
+LR = 0.1  # peak learning rate (linear warm-up, then cosine decay to 0) (SGD, Nesterov momentum)
 MOMENTUM = 0.9  # SGD momentum, in [0, 1)
 WEIGHT_DECAY = 5e-4  # L2 penalty on all weights, >= 0
 WARMUP = 0.2  # fraction of the steps spent warming the learning rate up, in (0, 1)
@@ -75,10 +77,8 @@ def main(argv=None):
         optimizer = torch.optim.SGD(
             model.parameters(), lr=hp["LR"], momentum=hp["MOMENTUM"], nesterov=True, weight_decay=hp["WEIGHT_DECAY"]
         )
-        steps_per_epoch = -(-len(data["train"][0]) // hp["BATCH_SIZE"])
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, hp["LR"], total_steps=hp["EPOCHS"] * steps_per_epoch, pct_start=hp["WARMUP"]
-        )
+        total_steps = hp["EPOCHS"] * math.ceil(len(data["train"][0]) / hp["BATCH_SIZE"])
+        scheduler = common.warmup_cosine(optimizer, total_steps, hp["WARMUP"])
         ema = common.EMA(model, hp["EMA_DECAY"]) if hp["EMA_DECAY"] else None
 
         def augment(x, generator):

@@ -326,6 +326,18 @@ def random_flip_and_shift(x, max_shift, generator, flip=True):
     return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (n, h, w, c) -> (n, c, h, w), NHWC memory
 
 
+def warmup_cosine(optimizer, total_steps, warmup):
+    """Per-step schedule: linear warm-up over the first `warmup` fraction of steps, then cosine decay to 0."""
+    warmup_steps = max(1, round(warmup * total_steps))
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class EMA(torch.nn.Module):
     """A copy of the model whose weights and BatchNorm statistics are an exponential moving average.
 

@@ -6,6 +6,7 @@ Run `python resnet_transfer.py`, or override any constant below (`python resnet_
 """
 
 import hashlib
+import math
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ WEIGHTS = "DEFAULT"  # DEFAULT (torchvision's ImageNet weights), a path to a sta
 IMAGE_SIZE = 64  # pixels the 28x28 images are resized to; >= 32. 64 keeps ResNet-50 extraction to minutes on a CPU
 EPOCHS = 30  # passes over the training split (the head alone, on cached features, unless FINETUNE)
 BATCH_SIZE = 256  # images per optimizer step
-LR = 0.002  # peak learning rate of the one-cycle schedule (AdamW)
+LR = 0.002  # peak learning rate (linear warm-up, then cosine decay to 0) (AdamW)
 WEIGHT_DECAY = 0.01  # AdamW's decoupled weight decay, >= 0
 WARMUP = 0.1  # fraction of the steps spent warming the learning rate up, in (0, 1)
 DROPOUT = 0.3  # dropout after each hidden layer of the head, in [0, 1)
@@ -193,13 +194,8 @@ def main(argv=None):
         data = {name: (x.to(run.device), y.to(run.device)) for name, (x, y) in data.items()}
 
         optimizer = torch.optim.AdamW(params, lr=hp["LR"], weight_decay=hp["WEIGHT_DECAY"])
-        steps_per_epoch = -(-len(data["train"][0]) // hp["BATCH_SIZE"])
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            [group["lr"] for group in optimizer.param_groups],
-            total_steps=hp["EPOCHS"] * steps_per_epoch,
-            pct_start=hp["WARMUP"],
-        )
+        total_steps = hp["EPOCHS"] * math.ceil(len(data["train"][0]) / hp["BATCH_SIZE"])
+        scheduler = common.warmup_cosine(optimizer, total_steps, hp["WARMUP"])
         return common.train(
             run,
             model,
