@@ -1,0 +1,110 @@
+"""What a run leaves behind (plots, model.pt, the record) and compare.py over a folder of runs."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+import ann
+import common
+import compare
+
+SMALL = ["--subset", "1200", "--val-size", "200", "--batch-size", "100", "--epochs", "2"]
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def ann_run(real_data_dir, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("runs")
+    argv = SMALL + ["--out-dir", str(out_dir)]
+    ann.main(argv)
+    (run_dir,) = out_dir.iterdir()
+    return run_dir, json.loads((run_dir / "metrics.json").read_text()), argv
+
+
+def test_every_plot_is_a_png_of_the_expected_size(ann_run):
+    run_dir, _, _ = ann_run
+    assert png_size(run_dir / "curves.png") == (1000, 400)
+    assert png_size(run_dir / "confusion.png") == (900, 800)
+    assert png_size(run_dir / "misclassified.png") == (1200, 900)
+
+
+def test_confusion_matrix_agrees_with_the_test_accuracy(ann_run):
+    _, record, _ = ann_run
+    confusion = torch.tensor(record["test_confusion"], dtype=torch.float64)
+    assert confusion.sum() == 1200
+    rates = confusion / confusion.sum(1, keepdim=True)
+    assert torch.allclose(rates.sum(1), torch.ones(10, dtype=torch.float64))
+    assert confusion.trace() / confusion.sum() == pytest.approx(record["final"]["test_acc"])
+    per_class = record["per_class_test_acc"]
+    assert list(per_class) == list(common.CLASSES)
+    assert [per_class[c] for c in common.CLASSES] == pytest.approx(rates.diag().tolist())
+
+
+def test_record_names_the_environment(ann_run):
+    _, record, _ = ann_run
+    assert record["torch_version"] == torch.__version__ and record["device_name"]
+    assert record["trainable_params"] == sum(p.numel() for p in ann.ANN().parameters())
+
+
+def test_model_pt_reproduces_the_saved_test_accuracy(ann_run):
+    run_dir, record, argv = ann_run
+    hp = common.parse_hparams(vars(ann), argv, ann.CHECKS)
+    model = ann.ANN()
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    run = common.Run("check", {**hp, "OUT_DIR": str(run_dir.parent / "check")})
+    data = common.to_device_normalized(common.load_splits(hp), run.device)
+    _, test_acc = common.evaluate(model, *data["test"], run, tta_flip=hp["TTA_FLIP"])
+    assert test_acc == pytest.approx(record["final"]["test_acc"])
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    hp = {"DEVICE": "cpu", "PRECISION": "fp32", "OUT_DIR": str(tmp_path)}
+    folders = {common.Run("same", hp).dir for _ in range(5)}
+    assert len(folders) == 5
+
+
+def test_compare_lists_good_runs_and_survives_broken_ones(ann_run, tmp_path, capsys):
+    run_dir, record, _ = ann_run
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def fake_run(name, **changes):
+        folder = runs / name
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps({**record, **changes}))
+
+    fake_run("ann-20260101-000000")
+    fake_run(
+        "ann-20260101-000100",
+        started="2026-01-01T00:01:00",
+        hparams={**record["hparams"], "LR": 0.01},
+        final={**record["final"], "test_acc": 0.5},
+    )
+    fake_run("cnn-20260101-000200", started="2026-01-01T00:02:00", script="cnn", status="interrupted", final=None)
+    (runs / "ann-20260101-000300").mkdir()
+    (runs / "ann-20260101-000300" / "metrics.json").write_text('{"script": "ann", "hist')  # half-written
+    (runs / "notes").mkdir()  # a foreign folder
+
+    code = common.run_main(compare.main, ["--out-dir", str(runs)])
+    out, err = capsys.readouterr()
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:3] == ["run", "script", "status"]
+    rows = {line.split()[0]: line for line in lines[1:4]}
+    assert set(rows) == {"ann-20260101-000000", "ann-20260101-000100", "cnn-20260101-000200"}
+    assert "lr=0.01" in rows["ann-20260101-000100"] and "50.00%" in rows["ann-20260101-000100"]
+    assert f"lr={ann.LR}" in rows["ann-20260101-000000"]
+    assert "interrupted" in rows["cnn-20260101-000200"]
+    assert "batch_size" not in out  # equal in every run, so not shown
+    assert "ann-20260101-000300" in err and "notes" in err
+    assert png_size(runs / "compare.png") == (1000, 600)
+
+    common.run_main(compare.main, ["--out-dir", str(runs), "--script", "cnn"])
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # header, one run, the figure's path
