@@ -13,7 +13,7 @@ import common
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python ann.py --help` lists them.
 EPOCHS = 60  # passes over the training split
 BATCH_SIZE = 256  # images per optimizer step
-LR = 0.003  # peak learning rate (linear warm-up, then cosine decay to 0) (AdamW)
+LR = 0.003  # peak learning rate of AdamW (linear warm-up, then cosine decay to 0)
 WEIGHT_DECAY = 0.05  # AdamW's decoupled weight decay, >= 0
 WARMUP = 0.2  # fraction of the steps spent warming the learning rate up, in (0, 1)
 DROPOUT = 0.1  # dropout after each hidden layer, in [0, 1)
@@ -56,7 +56,7 @@ class ANN(nn.Module):
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv, CHECKS)
     with common.Run("ann", hp) as run:
-        common.seed_everything(hp["SEED"])
+        torch.manual_seed(hp["SEED"])
         run.print_header()
         splits = common.load_splits(hp)
         data = common.to_device_normalized(splits, run.device)

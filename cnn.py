@@ -13,7 +13,7 @@ import common
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python cnn.py --help` lists them.
 EPOCHS = 20  # passes over the training split
 BATCH_SIZE = 256  # images per optimizer step
-LR = 0.1  # peak learning rate (linear warm-up, then cosine decay to 0) (SGD, Nesterov momentum)
+LR = 0.1  # peak learning rate of SGD with Nesterov momentum (linear warm-up, then cosine decay to 0)
 MOMENTUM = 0.9  # SGD momentum, in [0, 1)
 WEIGHT_DECAY = 5e-4  # L2 penalty on all weights, >= 0
 WARMUP = 0.2  # fraction of the steps spent warming the learning rate up, in (0, 1)
@@ -67,7 +67,7 @@ class CNN(nn.Module):
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv, CHECKS)
     with common.Run("cnn", hp) as run:
-        common.seed_everything(hp["SEED"])
+        torch.manual_seed(hp["SEED"])
         run.print_header()
         splits = common.load_splits(hp)
         data = common.to_device_normalized(splits, run.device)

@@ -171,11 +171,6 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
 # ----------------------------------------------------------------------------------------------
 # Data: the four IDX files, found, verified and read into uint8 tensors.
 

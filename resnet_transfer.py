@@ -24,7 +24,7 @@ WEIGHTS = "DEFAULT"  # DEFAULT (torchvision's ImageNet weights), a path to a sta
 IMAGE_SIZE = 64  # pixels the 28x28 images are resized to; >= 32. 64 keeps ResNet-50 extraction to minutes on a CPU
 EPOCHS = 30  # passes over the training split (the head alone, on cached features, unless FINETUNE)
 BATCH_SIZE = 256  # images per optimizer step
-LR = 0.002  # peak learning rate (linear warm-up, then cosine decay to 0) (AdamW)
+LR = 0.002  # peak learning rate of AdamW (linear warm-up, then cosine decay to 0)
 WEIGHT_DECAY = 0.01  # AdamW's decoupled weight decay, >= 0
 WARMUP = 0.1  # fraction of the steps spent warming the learning rate up, in (0, 1)
 DROPOUT = 0.3  # dropout after each hidden layer of the head, in [0, 1)
@@ -163,7 +163,7 @@ def cached_features(hp, run, preprocess, backbone, weights_id, x_train, x_test):
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv, CHECKS)
     with common.Run("resnet_transfer", hp) as run:
-        common.seed_everything(hp["SEED"])
+        torch.manual_seed(hp["SEED"])
         run.print_header()
         backbone, weights_id, mean, std = load_backbone(hp["BACKBONE"], hp["WEIGHTS"], hp["SEED"])
         if hp["WEIGHTS"] == "none":

@@ -139,3 +139,25 @@ def test_bad_transfer_settings_are_refused(argv, flag, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and flag in err[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_ctrl_c_during_extraction_leaves_no_cache_and_marks_the_run(real_data_dir, tmp_path, monkeypatch):
+    load_backbone, batches = rt.load_backbone, []
+
+    def interrupting_load(*args):
+        backbone, *rest = load_backbone(*args)
+        forward = backbone.forward
+
+        def forward_until_ctrl_c(x):
+            batches.append(len(x))
+            if len(batches) == 2:  # Ctrl-C in the middle of extraction
+                raise KeyboardInterrupt
+            return forward(x)
+
+        backbone.forward = forward_until_ctrl_c
+        return (backbone, *rest)
+
+    monkeypatch.setattr(rt, "load_backbone", interrupting_load)
+    assert common.run_main(rt.main, tiny_args(tmp_path)) == 130
+    assert len(batches) == 2 and not any((tmp_path / "cache").glob("*"))
+    assert run_record(tmp_path)["status"] == "interrupted"

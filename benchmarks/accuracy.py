@@ -1,0 +1,135 @@
+"""Accuracy benchmark: each script's default recipe over seeds 1, 2, 3 (mean ± std test accuracy, wall time),
+and an ablation table that turns one technique off at a time (validation accuracy, seconds).
+
+    python benchmarks/accuracy.py                      # ann and cnn, seeds 1 2 3
+    python benchmarks/accuracy.py --ablation           # ...plus one run per technique switched off (seed 1)
+    python benchmarks/accuracy.py --quick              # tiny smoke run, for the test suite
+
+Writes benchmarks/results/accuracy.json and accuracy.md (or --results DIR).
+"""
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import ann  # noqa: E402
+import cnn  # noqa: E402
+import common  # noqa: E402
+
+SCRIPTS = {"ann": ann, "cnn": cnn}
+# Each technique of the recipes, switched off: the flags that undo it.
+ABLATIONS = {
+    "ann": {
+        "no flip augmentation": ["--no-flip"],
+        "no shift augmentation": ["--max-shift", "0"],
+        "no label smoothing": ["--label-smoothing", "0"],
+        "no EMA of weights": ["--ema-decay", "0"],
+        "no test-time flip": ["--no-tta-flip"],
+        "no dropout": ["--dropout", "0"],
+    },
+    "cnn": {
+        "no flip augmentation": ["--no-flip"],
+        "no label smoothing": ["--label-smoothing", "0"],
+        "no EMA of weights": ["--ema-decay", "0"],
+        "no test-time flip": ["--no-tta-flip"],
+        "fp32 instead of bf16": ["--precision", "fp32"],
+    },
+}
+QUICK = ["--subset", "1000", "--val-size", "200", "--epochs", "1", "--batch-size", "100"]
+
+
+def run_script(name, argv, out_dir):
+    """One run of a script's main() with its output captured; returns its final metrics."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return SCRIPTS[name].main(argv + ["--out-dir", str(out_dir)])
+
+
+def machine():
+    return {
+        "cpu": common.cpu_model(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--ablation", action="store_true", help="also run each technique switched off (first seed)")
+    parser.add_argument("--quick", action="store_true", help="tiny runs: checks the pipeline, measures nothing")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    extra = QUICK if args.quick else []
+    results = {"machine": machine(), "quick": args.quick, "seeds": args.seeds, "scripts": {}, "ablation": {}}
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        for name in args.scripts:
+            runs = []
+            for seed in args.seeds:
+                final = run_script(name, extra + ["--seed", str(seed)], out_dir)
+                runs.append({"seed": seed, **final})
+                print(
+                    f"{name} seed {seed}: test_acc={final['test_acc']:.2%} seconds={final['seconds']:.1f}", flush=True
+                )
+            accs, secs = [r["test_acc"] for r in runs], [r["seconds"] for r in runs]
+            results["scripts"][name] = {
+                "runs": runs,
+                "test_acc_mean": statistics.mean(accs),
+                "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "seconds_mean": statistics.mean(secs),
+            }
+            if args.ablation:
+                seed = ["--seed", str(args.seeds[0])]
+                rows = {"default recipe": runs[0]}
+                for label, flags in ABLATIONS[name].items():
+                    rows[label] = run_script(name, extra + seed + flags, out_dir)
+                    print(f"{name} {label}: val_acc={rows[label]['val_acc']:.2%}", flush=True)
+                results["ablation"][name] = {
+                    label: {"flags": " ".join(ABLATIONS[name].get(label, [])), **final} for label, final in rows.items()
+                }
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = "accuracy-quick" if args.quick else "accuracy"
+    (args.results / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (args.results / f"{stem}.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(results):
+    m = results["machine"]
+    lines = [
+        f"Measured {m['date']} on {m['gpu'] or m['cpu']} ({m['threads']} threads), torch {m['torch']}.",
+        "",
+        f"| script | test accuracy (mean ± std, seeds {', '.join(map(str, results['seeds']))}) | wall seconds (mean) |",
+        "|---|---|---|",
+    ]
+    for name, r in results["scripts"].items():
+        acc = f"{r['test_acc_mean']:.2%} ± {r['test_acc_std']:.2%}"
+        lines.append(f"| {name}.py | {acc} | {r['seconds_mean']:.0f} |")
+    for name, rows in results["ablation"].items():
+        lines += ["", f"Ablation of {name}.py (seed {results['seeds'][0]}):", ""]
+        lines += ["| variant | flags | val accuracy | test accuracy | wall seconds |", "|---|---|---|---|---|"]
+        for label, r in rows.items():
+            flags = f"`{r['flags']}`" if r["flags"] else ""
+            lines.append(f"| {label} | {flags} | {r['val_acc']:.2%} | {r['test_acc']:.2%} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

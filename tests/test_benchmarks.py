@@ -1,0 +1,48 @@
+"""Smoke tests of the benchmarks' --quick modes: they run end to end and write well-formed results.
+
+They check the shape of the outputs, never a speed or an accuracy: those are measured, not asserted.
+"""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_benchmark(name, tmp_path, *args):
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{name}.py", "--quick", "--results", str(tmp_path), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads((tmp_path / f"{name}-quick.json").read_text()), (tmp_path / f"{name}-quick.md").read_text()
+
+
+def test_accuracy_benchmark_quick(real_data_dir, tmp_path):
+    results, table = run_benchmark("accuracy", tmp_path, "--seeds", "1", "2", "--scripts", "ann", "--ablation")
+    assert results["quick"] and results["machine"]["torch"]
+    ann = results["scripts"]["ann"]
+    assert [r["seed"] for r in ann["runs"]] == [1, 2]
+    assert 0 < ann["test_acc_mean"] <= 1 and ann["test_acc_std"] >= 0 and ann["seconds_mean"] > 0
+    ablation = results["ablation"]["ann"]
+    assert "default recipe" in ablation and "no label smoothing" in ablation
+    assert all(0 < row["val_acc"] <= 1 for row in ablation.values())
+    assert "| ann.py |" in table and "| no label smoothing | `--label-smoothing 0` |" in table
+
+
+def test_speed_benchmark_quick(real_data_dir, tmp_path):
+    results, table = run_benchmark("speed", tmp_path, "--repeats", "1")
+    for name in ("ann", "cnn"):
+        throughput = results["throughput"][name]
+        assert throughput["ours_images_per_s"] > 0 and throughput["reference_images_per_s"] > 0
+        assert throughput["ratio"] == throughput["ours_images_per_s"] / throughput["reference_images_per_s"]
+        to_accuracy = results["time_to_accuracy"][name]
+        assert set(to_accuracy) == {"target", "ours", "reference"}
+        assert to_accuracy["reference"]["epochs"] >= 1
+    assert results["transfer"]["ratio"] > 0 and results["transfer"]["cached_epoch_seconds"] > 0
+    assert 0 < results["profile"]["fraction_of_matmul"] and results["profile"]["top_ops"]
+    assert "| ann |" in table and "Transfer (resnet18" in table and "CNN profile" in table
