@@ -305,20 +305,20 @@ def random_flip_and_shift(x, max_shift, generator, flip=True):
     """Each image mirrored left-right with probability 1/2 and shifted by up to `max_shift` pixels.
 
     One gather per batch: the flip reverses the column index and the shift offsets both indices
-    into a copy padded with the background value (the minimum, i.e. a black pixel).
+    into a copy padded with the background value (the minimum, i.e. a black pixel). A flat
+    `gather` is about twice as fast on a CPU as indexing with three broadcast index tensors.
     """
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     device = x.device
-    padded = F.pad(x, (max_shift,) * 4, value=float(x.min()))
+    padded = F.pad(x, (max_shift,) * 4, value=float(x.min())) if max_shift else x
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1, 1), device=device, generator=generator)
     rows = torch.arange(h, device=device).view(1, h, 1) + dy
     cols = torch.arange(w, device=device).view(1, 1, w)
     if flip:
         mirrored = torch.rand(n, 1, 1, device=device, generator=generator) < 0.5
         cols = torch.where(mirrored, w - 1 - cols, cols)
-    cols = cols + dx
-    batch = torch.arange(n, device=device).view(n, 1, 1)
-    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (n, h, w, c) -> (n, c, h, w), NHWC memory
+    index = (rows * padded.shape[3] + dx + cols).view(n, 1, h * w).expand(n, c, h * w)
+    return padded.flatten(2).gather(2, index).view(n, c, h, w)
 
 
 def warmup_cosine(optimizer, total_steps, warmup):
@@ -468,6 +468,8 @@ class Run:
             print(
                 f"{self.script}: {status} after {done} epoch(s); record in {self.dir / 'metrics.json'}", file=sys.stderr
             )
+        if status == "completed" and self.hp.get("SHOW"):
+            show_plots(sorted(self.dir.glob("*.png")))
 
     @property
     def bf16(self):
@@ -522,7 +524,7 @@ def train_one_epoch(run, model, x, y, *, optimizer, loss_fn, batch_size, generat
     order = torch.randperm(len(x), device=run.device, generator=generator)
     batches = order.split(batch_size)
     for step, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=not sys.stdout.isatty())):
-        xb, yb = x[idx], y[idx]
+        xb, yb = x.index_select(0, idx), y.index_select(0, idx)  # 3x faster than x[idx] on a CPU
         if augment is not None:
             xb = augment(xb, generator)
         with run.autocast():
@@ -704,6 +706,20 @@ def plot_misclassified(images, labels, logits, path, count=24):
     fig.suptitle(f"{len(wrong)} most confident mistakes of {int((predicted != labels).sum())}")
     fig.tight_layout()
     fig.savefig(path)
+
+
+def show_plots(paths):
+    """Open each figure in a window and wait until they are closed; without a display, say where they are."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        print(f"--show: no display here; the plots are in {paths[0].parent}", file=sys.stderr)
+        return
+    import matplotlib.pyplot as plt
+
+    for path in paths:
+        plt.figure(path.name, figsize=(10, 7))
+        plt.imshow(plt.imread(path))
+        plt.axis("off")
+    plt.show()
 
 
 # ----------------------------------------------------------------------------------------------
