@@ -11,16 +11,16 @@ import torch.nn as nn
 import common
 
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python cnn.py --help` lists them.
-EPOCHS = 20  # passes over the training split
+EPOCHS = 15  # passes over the training split
 BATCH_SIZE = 256  # images per optimizer step
 LR = 0.1  # peak learning rate of SGD with Nesterov momentum (linear warm-up, then cosine decay to 0)
 MOMENTUM = 0.9  # SGD momentum, in [0, 1)
-WEIGHT_DECAY = 5e-4  # L2 penalty on all weights, >= 0
+WEIGHT_DECAY = 2.5e-4  # L2 penalty on all weights, >= 0
 WARMUP = 0.2  # fraction of the steps spent warming the learning rate up, in (0, 1)
-DROPOUT = 0.3  # dropout before the last linear layer, in [0, 1)
-FC_WIDTH = 256  # units of the fully connected hidden layer
+DROPOUT = 0.1  # dropout before the last linear layer, in [0, 1)
+FC_WIDTH = 128  # units of the fully connected hidden layer
 LABEL_SMOOTHING = 0.1  # share of each target spread over the other classes, in [0, 1)
-MAX_SHIFT = 2  # random translation of training images, in pixels (0 = off)
+MAX_SHIFT = 1  # random translation of training images, in pixels (0 = off)
 FLIP = True  # mirror training images left-right at random
 EMA_DECAY = 0.999  # exponential moving average of the weights, evaluated instead of them (0 = off)
 TTA_FLIP = True  # at evaluation, average the predictions on each image and its mirror
@@ -31,6 +31,7 @@ DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 PRECISION = "auto"  # auto (bf16 where the hardware has fast bf16), bf16 or fp32
 DATA_DIR = ""  # folder with the Fashion-MNIST files ("" = $FASHION_MNIST_DIR, ./data, the Debian package, download)
 OUT_DIR = ""  # where run folders go ("" = runs/ beside this script)
+SHOW = False  # at the end, open the plots in windows (needs a display; they are always saved as PNGs)
 
 CHECKS = {
     "MOMENTUM": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -42,15 +43,18 @@ CHECKS = {
 class CNN(nn.Module):
     def __init__(self, fc_width=FC_WIDTH, dropout=DROPOUT):
         super().__init__()
+        # Each max pool comes straight after its convolution, before BatchNorm and ReLU: pooling commutes
+        # with ReLU, and nearly so with BatchNorm, so the model barely changes while those two layers
+        # work on a quarter of the pixels; that halves the training time on a CPU.
         self.features = nn.Sequential(
             nn.Conv2d(1, 32, kernel_size=3, padding=1, bias=False),  # BatchNorm supplies the bias
+            nn.MaxPool2d(2),  # 28x28 -> 14x14
             nn.BatchNorm2d(32),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),  # 28x28 -> 14x14
             nn.Conv2d(32, 64, kernel_size=3, padding=1, bias=False),
+            nn.MaxPool2d(2),  # 14x14 -> 7x7
             nn.BatchNorm2d(64),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),  # 14x14 -> 7x7
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -75,7 +79,12 @@ def main(argv=None):
         # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
         model = CNN(hp["FC_WIDTH"], hp["DROPOUT"]).to(run.device, memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=hp["LR"], momentum=hp["MOMENTUM"], nesterov=True, weight_decay=hp["WEIGHT_DECAY"]
+            model.parameters(),
+            lr=hp["LR"],
+            momentum=hp["MOMENTUM"],
+            nesterov=True,
+            weight_decay=hp["WEIGHT_DECAY"],
+            fused=True,  # one kernel updates every parameter: faster steps than the default
         )
         total_steps = hp["EPOCHS"] * math.ceil(len(data["train"][0]) / hp["BATCH_SIZE"])
         scheduler = common.warmup_cosine(optimizer, total_steps, hp["WARMUP"])

@@ -20,7 +20,7 @@ CHECKS = {
     "SCRIPT": (lambda v: v in ("", *SCRIPTS), "ann, cnn, resnet_transfer or empty for all"),
     "LAST": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
 }
-NOT_COMPARED = {"OUT_DIR", "DATA_DIR", "CACHE_DIR"}  # where files live, not how the model was trained
+NOT_COMPARED = {"OUT_DIR", "DATA_DIR", "CACHE_DIR", "SHOW"}  # not how the model was trained
 
 
 def load_runs(out_dir):

@@ -41,6 +41,7 @@ DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 PRECISION = "auto"  # auto (bf16 where the hardware has fast bf16), bf16 or fp32
 DATA_DIR = ""  # folder with the Fashion-MNIST files ("" = $FASHION_MNIST_DIR, ./data, the Debian package, download)
 OUT_DIR = ""  # where run folders go ("" = runs/ beside this script)
+SHOW = False  # at the end, open the plots in windows (needs a display; they are always saved as PNGs)
 
 FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 CHECKS = {
@@ -193,7 +194,7 @@ def main(argv=None):
             data = common.split_data(hp, features[0], y_train, features[1], y_test)
         data = {name: (x.to(run.device), y.to(run.device)) for name, (x, y) in data.items()}
 
-        optimizer = torch.optim.AdamW(params, lr=hp["LR"], weight_decay=hp["WEIGHT_DECAY"])
+        optimizer = torch.optim.AdamW(params, lr=hp["LR"], weight_decay=hp["WEIGHT_DECAY"], fused=True)
         total_steps = hp["EPOCHS"] * math.ceil(len(data["train"][0]) / hp["BATCH_SIZE"])
         scheduler = common.warmup_cosine(optimizer, total_steps, hp["WARMUP"])
         return common.train(

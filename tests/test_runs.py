@@ -2,6 +2,7 @@
 
 import json
 import struct
+import sys
 
 import pytest
 import torch
@@ -108,3 +109,23 @@ def test_compare_lists_good_runs_and_survives_broken_ones(ann_run, tmp_path, cap
 
     common.run_main(compare.main, ["--out-dir", str(runs), "--script", "cnn"])
     assert len(capsys.readouterr().out.strip().splitlines()) == 3  # header, one run, the figure's path
+
+
+def test_show_opens_the_plots_only_where_asked_and_a_display_exists(real_data_dir, tmp_path, monkeypatch, capsys):
+    import matplotlib.pyplot as plt
+
+    plt.switch_backend("Agg")  # windows are counted, never drawn
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(len(plt.get_fignums())))
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setenv("DISPLAY", ":0")
+    ann.main(SMALL + ["--epochs", "1", "--out-dir", str(tmp_path / "quiet")])
+    assert shown == []  # not asked
+    ann.main(SMALL + ["--epochs", "1", "--show", "--out-dir", str(tmp_path / "shown")])
+    assert shown == [3]  # curves, confusion matrix, mistakes
+    plt.close("all")
+    monkeypatch.delenv("DISPLAY")
+    capsys.readouterr()
+    ann.main(SMALL + ["--epochs", "1", "--show", "--out-dir", str(tmp_path / "headless")])
+    assert shown == [3] and "no display here" in capsys.readouterr().err
