@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -443,8 +444,8 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        """A run stopped by Ctrl-C or divergence keeps its record and plots of the epochs it finished."""
-        if exc_type is KeyboardInterrupt:
+        """A run stopped by Ctrl-C, SIGTERM or divergence keeps its record and plots of the epochs it finished."""
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C or SIGTERM
             self.finish("interrupted")
         elif exc_type is Diverged:
             self.finish("diverged")
@@ -726,9 +727,21 @@ def show_plots(paths):
 # Entry point: settings and data problems end in one line and exit code 2, never a traceback.
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's time limit): handled like Ctrl-C, so the run's record is kept."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_main(main, argv=None):
-    """Call main(argv) and turn the expected failures into exit codes: 2 user error, 1 diverged, 130 Ctrl-C."""
+    """Call main(argv) and turn the expected failures into exit codes.
+
+    2 user error, 1 diverged, 130 Ctrl-C, 143 SIGTERM (128 + the signal, as shells report it).
+    """
     script = Path(sys.argv[0]).name
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         main(argv)
     except UserError as error:
@@ -737,7 +750,12 @@ def run_main(main, argv=None):
     except Diverged as error:
         print(f"{script}: error: the loss became NaN or infinite ({error}); try a smaller --lr", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"{script}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{script}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

@@ -119,7 +119,8 @@ def test_divergence_stops_with_status_diverged(real_data_dir, out_dir, capsys):
     assert record["status"] == "diverged" and record["final"] is None
 
 
-def test_ctrl_c_keeps_completed_epochs(real_data_dir, tmp_path):
+@pytest.mark.parametrize("stop, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # Ctrl-C, `kill`
+def test_ctrl_c_or_kill_keeps_completed_epochs(stop, exit_code, real_data_dir, tmp_path):
     out = tmp_path / "runs"
     process = subprocess.Popen(
         [sys.executable, "ann.py", "--subset", "3000", "--val-size", "500", "--epochs", "1000", "--out-dir", str(out)],
@@ -135,11 +136,11 @@ def test_ctrl_c_keeps_completed_epochs(real_data_dir, tmp_path):
         metrics = list(out.glob("*/metrics.json"))
         if metrics:
             record = json.loads(metrics[0].read_text())
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     stopped = time.monotonic()
     _, stderr = process.communicate(timeout=60)
     assert time.monotonic() - stopped < 5
-    assert process.returncode == 130 and "Traceback" not in stderr
+    assert process.returncode == exit_code and "Traceback" not in stderr
     record = json.loads(metrics[0].read_text())
     assert record["status"] == "interrupted" and len(record["history"]) >= 2
     assert (metrics[0].parent / "curves.png").stat().st_size > 0
