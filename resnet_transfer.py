@@ -21,7 +21,9 @@ import common
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python resnet_transfer.py --help` lists them.
 BACKBONE = "resnet50"  # resnet18 or resnet34 (512 features) or resnet50 (2048 features)
 WEIGHTS = "DEFAULT"  # DEFAULT (torchvision's ImageNet weights), a path to a state-dict file, or none (random)
-IMAGE_SIZE = 64  # pixels the 28x28 images are resized to; >= 32. 64 keeps ResNet-50 extraction to minutes on a CPU
+# Extracting ResNet-50 features of all 70,000 images on 2 AVX2 cores takes 2 min at 32 px (where the last
+# feature map is a single pixel), 7 min at 64 px, 37 min at 128 px and 2 h at 224 px: 64 is the compromise.
+IMAGE_SIZE = 64  # pixels the 28x28 images are resized to, >= 32 (see the measurements above)
 EPOCHS = 30  # passes over the training split (the head alone, on cached features, unless FINETUNE)
 BATCH_SIZE = 256  # images per optimizer step
 LR = 0.002  # peak learning rate of AdamW (linear warm-up, then cosine decay to 0)

@@ -30,9 +30,10 @@ import common  # noqa: E402
 
 SCRIPTS = {"ann": ann, "cnn": cnn}
 # Each technique of the recipes switched off (or a tempting alternative switched on): the flags that do it.
+# Flip augmentation goes with the test-time flip: a model never shown mirrored images cannot average over them.
 ABLATIONS = {
     "ann": {
-        "no flip augmentation": ["--no-flip"],
+        "no flips, in training or at test time": ["--no-flip", "--no-tta-flip"],
         "with ±1 px shifts (off by default)": ["--max-shift", "1"],
         "no label smoothing": ["--label-smoothing", "0"],
         "no EMA of weights": ["--ema-decay", "0"],
@@ -41,7 +42,7 @@ ABLATIONS = {
         "weight decay 0.01 instead of 0.1": ["--weight-decay", "0.01"],
     },
     "cnn": {
-        "no flip augmentation": ["--no-flip"],
+        "no flips, in training or at test time": ["--no-flip", "--no-tta-flip"],
         "no shift augmentation": ["--max-shift", "0"],
         "no label smoothing": ["--label-smoothing", "0"],
         "no EMA of weights": ["--ema-decay", "0"],

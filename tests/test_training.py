@@ -146,4 +146,4 @@ def test_help_lists_every_constant_with_its_comment_and_default(capsys):
         "OUT_DIR",
     ):
         assert "--" + name.lower().replace("_", "-") in text
-    assert f"passes over the training split (default: {cnn.EPOCHS})" in text
+    assert f"passes over the training split (15 fit in 6 minutes on 2 AVX2 cores) (default: {cnn.EPOCHS})" in text
