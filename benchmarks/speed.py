@@ -10,7 +10,7 @@
    every batch (timed on a few batches and scaled to the epoch), as a ratio.
 4. Profile of CNN training steps: where the time goes, and the FLOP rate against a measured matmul.
 
-    python benchmarks/speed.py            # everything (about 20 minutes on a 2-core CPU)
+    python benchmarks/speed.py            # everything (11 minutes with --budget 240 on a 2-core AMD EPYC)
     python benchmarks/speed.py --quick    # tiny smoke run for the test suite; its numbers mean nothing
 
 Writes benchmarks/results/speed.json and speed.md (or --results DIR).
@@ -43,7 +43,8 @@ import resnet_transfer  # noqa: E402
 SCRIPTS = {"ann": ann, "cnn": cnn}
 MODELS = {"ann": ann.ANN, "cnn": cnn.CNN}
 TARGETS = {"ann": 0.89, "cnn": 0.93}
-# Epochs of our recipe for the time-to-accuracy run: about 90 s of training on 2 AVX2 cores (AMD EPYC).
+# Epochs of our recipe for the time-to-accuracy run, within 90 s of training on 2 AVX2 cores (measured on an
+# AMD EPYC: the ANN 12 s, the CNN 55 s).
 SHORT_EPOCHS = {"ann": 15, "cnn": 4}
 
 
