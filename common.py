@@ -497,23 +497,37 @@ class Run:
 # Training and evaluation
 
 
+def tta_views(x, flip=False, max_shift=0, background=None):
+    """The views that test-time augmentation averages over: x itself; x shifted by 1..max_shift pixels
+    up, down, left and right, with `background` (default: x's minimum) filling in; with flip, each mirrored."""
+    views = [x]
+    if max_shift:
+        h, w = x.shape[2:]
+        fill = float(x.min()) if background is None else background
+        padded = F.pad(x, (max_shift,) * 4, value=fill)
+        for s in range(1, max_shift + 1):
+            for dy, dx in ((-s, 0), (s, 0), (0, -s), (0, s)):
+                views.append(padded[:, :, max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w])
+    return views + [view.flip(3) for view in views] if flip else views
+
+
 @torch.inference_mode()
-def predict(model, x, run, tta_flip=False, batch_size=2048):
-    """Logits for all of x, in large chunks; with tta_flip, averaged with the mirrored images'."""
+def predict(model, x, run, tta_flip=False, tta_shift=0, batch_size=2048):
+    """Logits for all of x, in large chunks; with tta_flip or tta_shift, averaged over `tta_views`."""
     model.eval()
+    background = float(x.min()) if len(x) else 0.0  # one value for all chunks: the black pixel
     chunks = []
     for xb in x.split(batch_size):
+        views = tta_views(xb, tta_flip, tta_shift, background)
         with run.autocast():
-            logits = model(xb).float()
-            if tta_flip:
-                logits = (logits + model(xb.flip(3)).float()) / 2
+            logits = sum(model(view.contiguous()).float() for view in views) / len(views)
         chunks.append(logits)
     return torch.cat(chunks)
 
 
-def evaluate(model, x, y, run, tta_flip=False):
+def evaluate(model, x, y, run, tta_flip=False, tta_shift=0):
     """(cross-entropy loss, accuracy) of the model on x, y."""
-    logits = predict(model, x, run, tta_flip)
+    logits = predict(model, x, run, tta_flip, tta_shift)
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
@@ -561,12 +575,15 @@ def train(
     augment=None,
     ema=None,
     tta_flip=False,
+    tta_shift=0,
     test_images=None,
 ):
     """Train, evaluate on validation each epoch and on test once; record everything in the run.
 
     The scheduler steps once per batch. `augment(x, generator)` transforms a training batch;
     `ema` (an EMA of the model) is updated every step and evaluated instead of the model.
+    `tta_flip` averages every evaluation over each image and its mirror; `tta_shift` adds shifted views
+    (see `tta_views`) to the final validation and test evaluations only, as they cost a pass per view.
     `test_images` are what misclassified.png shows (default: the test inputs). Returns `final`.
     """
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = data["train"], data["val"], data["test"]
@@ -610,13 +627,14 @@ def train(
         print(f"{epoch:>5} {train_loss:>10.4f} {train_acc:>9.2%} {val} {lr:>9.2e} {seconds:>7.1f}", flush=True)
 
     _, train_acc = evaluate(evaluated, x_train, y_train, run, tta_flip)
-    test_logits = predict(evaluated, x_test, run, tta_flip)
+    _, val_acc = evaluate(evaluated, x_val, y_val, run, tta_flip, tta_shift) if len(x_val) else (None, None)
+    test_logits = predict(evaluated, x_test, run, tta_flip, tta_shift)
     predicted = test_logits.argmax(1)
     confusion = torch.zeros(10, 10, dtype=torch.long, device=predicted.device)
     confusion.index_put_((y_test, predicted), torch.ones_like(y_test), accumulate=True)
     run.record["final"] = {
         "train_acc": train_acc,
-        "val_acc": run.record["history"][-1]["val_acc"],
+        "val_acc": val_acc,
         "test_acc": (predicted == y_test).float().mean().item(),
         "test_loss": F.cross_entropy(test_logits, y_test).item(),
         "seconds": run.seconds(),

@@ -103,3 +103,20 @@ def test_flip_and_shift_move_pixels_without_changing_them():
             for dx in range(-2, 3)
         )
     assert (shifted == background).any()
+
+
+def test_tta_views_are_the_image_its_shifts_and_their_mirrors():
+    x = torch.randn(3, 1, 28, 28)
+    assert [v.data_ptr() for v in common.tta_views(x)] == [x.data_ptr()]
+    views = common.tta_views(x, flip=True, max_shift=2, background=-5.0)
+    assert len(views) == 2 * (1 + 4 * 2)
+    unflipped, mirrored = views[:9], views[9:]
+    for view, mirror in zip(unflipped, mirrored, strict=True):
+        assert torch.equal(mirror, view.flip(3))
+    assert torch.equal(unflipped[0], x)
+    down, up, right, left = unflipped[1:5]  # moved by one pixel; the background fills the edge it leaves
+    assert torch.equal(down[:, :, 1:], x[:, :, :-1]) and (down[:, :, 0] == -5).all()
+    assert torch.equal(up[:, :, :-1], x[:, :, 1:]) and (up[:, :, -1] == -5).all()
+    assert torch.equal(right[..., 1:], x[..., :-1]) and (right[..., 0] == -5).all()
+    assert torch.equal(left[..., :-1], x[..., 1:]) and (left[..., -1] == -5).all()
+    assert torch.equal(unflipped[5][:, :, 2:], x[:, :, :-2])  # then by two
