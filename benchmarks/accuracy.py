@@ -47,6 +47,8 @@ ABLATIONS = {
         "no label smoothing": ["--label-smoothing", "0"],
         "no EMA of weights": ["--ema-decay", "0"],
         "no test-time flip": ["--no-tta-flip"],
+        "no test-time shifts": ["--tta-shift", "0"],
+        "15 epochs instead of 40": ["--epochs", "15"],
     },
 }
 QUICK = ["--subset", "1000", "--val-size", "200", "--epochs", "1", "--batch-size", "100"]
@@ -62,11 +64,18 @@ def machine():
     return {
         "cpu": common.cpu_model(),
         "threads": torch.get_num_threads(),
+        "cpu_bf16": common.bf16_is_fast(torch.device("cpu")),  # decides PRECISION = "auto" on the CPU
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
     }
+
+
+def measured_on(m):
+    """The markdown tables' first line: where and when."""
+    bf16 = ", with bf16 units" if m["cpu_bf16"] and not m["gpu"] else ""
+    return f"Measured {m['date']} on {m['gpu'] or m['cpu']} ({m['threads']} threads{bf16}), torch {m['torch']}."
 
 
 def main():
@@ -116,9 +125,8 @@ def save(results, args):
 
 
 def markdown(results):
-    m = results["machine"]
     lines = [
-        f"Measured {m['date']} on {m['gpu'] or m['cpu']} ({m['threads']} threads), torch {m['torch']}.",
+        measured_on(results["machine"]),
         "",
         f"| script | test accuracy (mean ± std, seeds {', '.join(map(str, results['seeds']))}) | wall seconds (mean) |",
         "|---|---|---|",
