@@ -10,7 +10,7 @@
    every batch (timed on a few batches and scaled to the epoch), as a ratio.
 4. Profile of CNN training steps: where the time goes, and the FLOP rate against a measured matmul.
 
-    python benchmarks/speed.py            # everything (11 minutes with --budget 240 on a 2-core AMD EPYC)
+    python benchmarks/speed.py            # everything (--budget 240: 9 minutes on a 2-core Zen 5, 11 on a Zen 3)
     python benchmarks/speed.py --quick    # tiny smoke run for the test suite; its numbers mean nothing
 
 Writes benchmarks/results/speed.json and speed.md (or --results DIR).
