@@ -42,11 +42,10 @@ ABLATIONS = {
         "weight decay 0.01 instead of 0.1": ["--weight-decay", "0.01"],
     },
     "cnn": {
-        "no flips, in training or at test time": ["--no-flip", "--no-tta-flip"],
+        "with flips, in training and at test time (off by default)": ["--flip", "--tta-flip"],
         "no shift augmentation": ["--max-shift", "0"],
         "no label smoothing": ["--label-smoothing", "0"],
         "no EMA of weights": ["--ema-decay", "0"],
-        "no test-time flip": ["--no-tta-flip"],
         "no test-time shifts": ["--tta-shift", "0"],
         "15 epochs instead of 40": ["--epochs", "15"],
     },

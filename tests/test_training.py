@@ -122,8 +122,8 @@ def test_val_size_zero_trains_on_everything(real_data_dir, out_dir):
 
 
 def test_flags_override_constants_and_defaults_are_the_constants():
-    hp = common.parse_hparams(vars(cnn), ["--epochs", "3", "--lr", "0.5", "--no-flip", "--fc-width", "64"], cnn.CHECKS)
-    assert (hp["EPOCHS"], hp["LR"], hp["FLIP"], hp["FC_WIDTH"]) == (3, 0.5, False, 64)
+    hp = common.parse_hparams(vars(cnn), ["--epochs", "3", "--lr", "0.5", "--flip", "--fc-width", "64"], cnn.CHECKS)
+    assert (hp["EPOCHS"], hp["LR"], hp["FLIP"], hp["FC_WIDTH"]) == (3, 0.5, True, 64)
     assert hp["BATCH_SIZE"] == cnn.BATCH_SIZE and hp["SEED"] == cnn.SEED
     defaults = common.parse_hparams(vars(ann), [], ann.CHECKS)
     assert defaults == {k: v for k, v in vars(ann).items() if k.isupper() and type(v) in (int, float, str, bool)}
