@@ -627,7 +627,9 @@ def train(
         print(f"{epoch:>5} {train_loss:>10.4f} {train_acc:>9.2%} {val} {lr:>9.2e} {seconds:>7.1f}", flush=True)
 
     _, train_acc = evaluate(evaluated, x_train, y_train, run, tta_flip)
-    _, val_acc = evaluate(evaluated, x_val, y_val, run, tta_flip, tta_shift) if len(x_val) else (None, None)
+    val_acc = run.record["history"][-1]["val_acc"]  # already with tta_flip; the shifted views change it
+    if tta_shift and len(x_val):
+        _, val_acc = evaluate(evaluated, x_val, y_val, run, tta_flip, tta_shift)
     test_logits = predict(evaluated, x_test, run, tta_flip, tta_shift)
     predicted = test_logits.argmax(1)
     confusion = torch.zeros(10, 10, dtype=torch.long, device=predicted.device)
