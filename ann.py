@@ -3,17 +3,14 @@
 Run `python ann.py`, or override any constant below from the command line (`python ann.py --epochs 5`).
 """
 
-import math
-
 import torch
 import torch.nn as nn
 
 import common
 
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python ann.py --help` lists them.
-# [+0.42]: validation accuracy points that the value bought against switching it off, measured (seed 1, 2-core
-# AMD EPYC) with `python benchmarks/accuracy.py --ablation`; the README's Results hold the whole table. These are
-# single runs: another seed, or another CPU, moves them by about 0.3 points.
+# [+0.42]: validation accuracy points the value bought against switching it off, in one run (seed 1) of
+# `python benchmarks/accuracy.py --ablation`; seeds alone move a run by about 0.3 points. The README has the table.
 EPOCHS = 60  # passes over the training split
 BATCH_SIZE = 512  # images per optimizer step
 LR = 0.004  # peak learning rate of AdamW (linear warm-up, then cosine decay to 0)
@@ -34,11 +31,9 @@ DATA_DIR = ""  # folder with the Fashion-MNIST files ("" = $FASHION_MNIST_DIR, .
 OUT_DIR = ""  # where run folders go ("" = runs/ beside this script)
 SHOW = False  # at the end, open the plots in windows (needs a display; they are always saved as PNGs)
 
-CHECKS = {"WARMUP": (lambda v: 0 < v < 1, "a number in (0, 1)")}
-
 
 class ANN(nn.Module):
-    def __init__(self, dropout=DROPOUT):
+    def __init__(self, dropout):
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
@@ -58,37 +53,35 @@ class ANN(nn.Module):
 
 
 def main(argv=None):
-    hp = common.parse_hparams(globals(), argv, CHECKS)
+    hp = common.parse_hparams(globals(), argv)
     with common.Run("ann", hp) as run:
-        torch.manual_seed(hp["SEED"])
-        run.print_header()
+        torch.manual_seed(hp.seed)
         splits = common.load_splits(hp)
         data = common.to_device_normalized(splits, run.device)
 
-        model = ANN(hp["DROPOUT"]).to(run.device)
+        model = ANN(hp.dropout).to(run.device)
         # fused: one kernel updates every parameter, 3x faster steps than the default on a CPU
-        optimizer = torch.optim.AdamW(model.parameters(), lr=hp["LR"], weight_decay=hp["WEIGHT_DECAY"], fused=True)
-        total_steps = hp["EPOCHS"] * math.ceil(len(data["train"][0]) / hp["BATCH_SIZE"])
-        scheduler = common.warmup_cosine(optimizer, total_steps, hp["WARMUP"])
-        ema = common.EMA(model, hp["EMA_DECAY"]) if hp["EMA_DECAY"] else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
+        steps = hp.epochs * common.steps_per_epoch(len(data.train[0]), hp.batch_size)
+        scheduler = common.warmup_cosine(optimizer, steps, hp.warmup)
+        ema = common.EMA(model, hp.ema_decay) if hp.ema_decay else None
+        evaluated = ema if ema is not None else model  # the weight average, where there is one, is what gets evaluated
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+        tta_flip = hp.tta_flip and hp.flip  # mirrored images mislead a model never trained on them
+        generator = torch.Generator(run.device).manual_seed(hp.seed)  # batch order and augmentation
 
-        def augment(x, generator):
-            return common.random_flip_and_shift(x, hp["MAX_SHIFT"], generator, flip=hp["FLIP"])
+        def augment(images):
+            return common.random_flip_and_shift(images, hp.max_shift, generator, flip=hp.flip)
 
-        return common.train(
-            run,
-            model,
-            data,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            loss_fn=nn.CrossEntropyLoss(label_smoothing=hp["LABEL_SMOOTHING"]),
-            epochs=hp["EPOCHS"],
-            batch_size=hp["BATCH_SIZE"],
-            augment=augment if hp["MAX_SHIFT"] or hp["FLIP"] else None,
-            ema=ema,
-            tta_flip=hp["TTA_FLIP"] and hp["FLIP"],  # mirrored images mislead a model never trained on them
-            test_images=splits["test"][0],
-        )
+        run.start_training(model)
+        for epoch in range(1, hp.epochs + 1):
+            batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment)
+            train_loss, train_acc = common.train_one_epoch(model, batches, optimizer, loss_fn, run, scheduler, ema)
+            val_loss, val_acc = common.evaluate(evaluated, *data.val, run, tta_flip)
+            run.log_epoch(epoch, train_loss, train_acc, val_loss, val_acc, scheduler.get_last_lr()[0])
+
+        # The final evaluation: the only time the test set is used.
+        return run.report(evaluated, data, splits.test[0], tta_flip)
 
 
 if __name__ == "__main__":

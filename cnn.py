@@ -3,19 +3,15 @@
 Run `python cnn.py`, or override any constant below from the command line (`python cnn.py --epochs 5`).
 """
 
-import math
-
 import torch
 import torch.nn as nn
 
 import common
 
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python cnn.py --help` lists them.
-# [+1.28]: validation accuracy points that the value bought against switching it off, measured (seed 1, 2-core
-# AMD EPYC with bf16 units) with `python benchmarks/accuracy.py --ablation`; the README's Results hold the whole
-# table. These are single runs, and seeds alone move them by about 0.3 points: the epochs and the shifts (in
-# training and at test time) clearly pay; flips cost 0.12 on average over seeds 1-3, so they are off.
-EPOCHS = 40  # passes over the training split (4 min on 2 cores with bf16; use 15 on AVX2-only) [+1.00 against 15]
+# [+1.28]: validation accuracy points the value bought against switching it off, in one run (seed 1) of
+# `python benchmarks/accuracy.py --ablation`; seeds alone move a run by about 0.3 points. The README has the table.
+EPOCHS = 40  # passes over the training split [+1.00 against 15]
 BATCH_SIZE = 256  # images per optimizer step
 LR = 0.1  # peak learning rate of SGD with Nesterov momentum (linear warm-up, then cosine decay to 0)
 MOMENTUM = 0.9  # SGD momentum, in [0, 1)
@@ -25,7 +21,7 @@ DROPOUT = 0.1  # dropout before the last linear layer, in [0, 1)
 FC_WIDTH = 128  # units of the fully connected hidden layer
 LABEL_SMOOTHING = 0.1  # share of each target spread over the other classes, in [0, 1) [-0.02]
 MAX_SHIFT = 1  # random translation of training images, in pixels (0 = off) [+1.28]
-FLIP = False  # mirror training images left-right at random [on, with TTA_FLIP: -0.12 mean of seeds 1-3]
+FLIP = False  # mirror training images left-right at random [on, with TTA_FLIP: -0.12 over seeds 1-3]
 EMA_DECAY = 0.999  # moving average of the weights, evaluated instead of them (0 = off) [+0.00]
 TTA_FLIP = False  # at evaluation, average the predictions on each image and its mirror (needs FLIP)
 TTA_SHIFT = 1  # final evaluation also averages over views moved 1..N px up, down, left, right (0 = off) [+0.58]
@@ -38,16 +34,9 @@ DATA_DIR = ""  # folder with the Fashion-MNIST files ("" = $FASHION_MNIST_DIR, .
 OUT_DIR = ""  # where run folders go ("" = runs/ beside this script)
 SHOW = False  # at the end, open the plots in windows (needs a display; they are always saved as PNGs)
 
-CHECKS = {
-    "MOMENTUM": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "WARMUP": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "FC_WIDTH": (lambda v: v >= 1, "an integer >= 1"),
-    "TTA_SHIFT": (lambda v: 0 <= v <= 4, "an integer in [0, 4]"),
-}
-
 
 class CNN(nn.Module):
-    def __init__(self, fc_width=FC_WIDTH, dropout=DROPOUT):
+    def __init__(self, fc_width, dropout):
         super().__init__()
         # Each max pool comes straight after its convolution, before BatchNorm and ReLU: pooling commutes
         # with ReLU, and nearly so with BatchNorm, so the model barely changes while those two layers
@@ -75,45 +64,42 @@ class CNN(nn.Module):
 
 
 def main(argv=None):
-    hp = common.parse_hparams(globals(), argv, CHECKS)
+    hp = common.parse_hparams(globals(), argv)
     with common.Run("cnn", hp) as run:
-        torch.manual_seed(hp["SEED"])
-        run.print_header()
+        torch.manual_seed(hp.seed)
         splits = common.load_splits(hp)
         data = common.to_device_normalized(splits, run.device)
 
         # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
-        model = CNN(hp["FC_WIDTH"], hp["DROPOUT"]).to(run.device, memory_format=torch.channels_last)
+        model = CNN(hp.fc_width, hp.dropout).to(run.device, memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(
             model.parameters(),
-            lr=hp["LR"],
-            momentum=hp["MOMENTUM"],
+            lr=hp.lr,
+            momentum=hp.momentum,
             nesterov=True,
-            weight_decay=hp["WEIGHT_DECAY"],
+            weight_decay=hp.weight_decay,
             fused=True,  # one kernel updates every parameter: faster steps than the default
         )
-        total_steps = hp["EPOCHS"] * math.ceil(len(data["train"][0]) / hp["BATCH_SIZE"])
-        scheduler = common.warmup_cosine(optimizer, total_steps, hp["WARMUP"])
-        ema = common.EMA(model, hp["EMA_DECAY"]) if hp["EMA_DECAY"] else None
+        steps = hp.epochs * common.steps_per_epoch(len(data.train[0]), hp.batch_size)
+        scheduler = common.warmup_cosine(optimizer, steps, hp.warmup)
+        ema = common.EMA(model, hp.ema_decay) if hp.ema_decay else None
+        evaluated = ema if ema is not None else model  # the weight average, where there is one, is what gets evaluated
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+        tta_flip = hp.tta_flip and hp.flip  # mirrored images mislead a model never trained on them
+        generator = torch.Generator(run.device).manual_seed(hp.seed)  # batch order and augmentation
 
-        def augment(x, generator):
-            return common.random_flip_and_shift(x, hp["MAX_SHIFT"], generator, flip=hp["FLIP"])
+        def augment(images):
+            return common.random_flip_and_shift(images, hp.max_shift, generator, flip=hp.flip)
 
-        return common.train(
-            run,
-            model,
-            data,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            loss_fn=nn.CrossEntropyLoss(label_smoothing=hp["LABEL_SMOOTHING"]),
-            epochs=hp["EPOCHS"],
-            batch_size=hp["BATCH_SIZE"],
-            augment=augment if hp["MAX_SHIFT"] or hp["FLIP"] else None,
-            ema=ema,
-            tta_flip=hp["TTA_FLIP"] and hp["FLIP"],  # mirrored images mislead a model never trained on them
-            tta_shift=hp["TTA_SHIFT"],
-            test_images=splits["test"][0],
-        )
+        run.start_training(model)
+        for epoch in range(1, hp.epochs + 1):
+            batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment)
+            train_loss, train_acc = common.train_one_epoch(model, batches, optimizer, loss_fn, run, scheduler, ema)
+            val_loss, val_acc = common.evaluate(evaluated, *data.val, run, tta_flip)
+            run.log_epoch(epoch, train_loss, train_acc, val_loss, val_acc, scheduler.get_last_lr()[0])
+
+        # The final evaluation: the only time the test set is used.
+        return run.report(evaluated, data, splits.test[0], tta_flip, hp.tta_shift)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,6 @@ OUT_DIR = ""  # folder holding the run folders ("" = runs/ beside this script)
 SCRIPT = ""  # only runs of this script: ann, cnn or resnet_transfer ("" = all)
 LAST = 0  # only the N most recent runs (0 = all)
 
-SCRIPTS = ("ann", "cnn", "resnet_transfer")
-CHECKS = {
-    "SCRIPT": (lambda v: v in ("", *SCRIPTS), "ann, cnn, resnet_transfer or empty for all"),
-    "LAST": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
-}
 NOT_COMPARED = {"OUT_DIR", "DATA_DIR", "CACHE_DIR", "SHOW"}  # not how the model was trained
 
 
@@ -96,12 +91,12 @@ def plot(runs, names, path):
 
 
 def main(argv=None):
-    hp = common.parse_hparams(globals(), argv, CHECKS)
-    out_dir = Path(hp["OUT_DIR"] or common.HERE / "runs")
+    hp = common.parse_hparams(globals(), argv)
+    out_dir = Path(hp.out_dir or common.HERE / "runs")
     if not out_dir.is_dir():
         raise common.UserError(f"--out-dir {out_dir} does not exist; run a training script first or pass --out-dir")
-    runs = [run for run in load_runs(out_dir) if not hp["SCRIPT"] or run[1].get("script") == hp["SCRIPT"]]
-    runs = runs[-hp["LAST"] :] if hp["LAST"] else runs
+    runs = [run for run in load_runs(out_dir) if not hp.script or run[1].get("script") == hp.script]
+    runs = runs[-hp.last :] if hp.last else runs
     if not runs:
         print(f"no runs found in {out_dir}")
         return runs

@@ -6,7 +6,6 @@ Run `python resnet_transfer.py`, or override any constant below (`python resnet_
 """
 
 import hashlib
-import math
 import sys
 from pathlib import Path
 
@@ -21,9 +20,7 @@ import common
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python resnet_transfer.py --help` lists them.
 BACKBONE = "resnet50"  # resnet18 or resnet34 (512 features) or resnet50 (2048 features)
 WEIGHTS = "DEFAULT"  # DEFAULT (torchvision's ImageNet weights), a path to a state-dict file, or none (random)
-# Extracting ResNet-50 features of all 70,000 images on 2 AVX2 cores takes 2 min at 32 px (where the last
-# feature map is a single pixel), 7 min at 64 px, 37 min at 128 px and 2 h at 224 px: 64 is the compromise.
-IMAGE_SIZE = 64  # pixels the 28x28 images are resized to, >= 32 (see the measurements above)
+IMAGE_SIZE = 64  # pixels the 28x28 images are resized to, in [32, 512]; extraction time grows with its square
 EPOCHS = 30  # passes over the training split (the head alone, on cached features, unless FINETUNE)
 BATCH_SIZE = 256  # images per optimizer step
 LR = 0.002  # peak learning rate of AdamW (linear warm-up, then cosine decay to 0)
@@ -46,16 +43,6 @@ OUT_DIR = ""  # where run folders go ("" = runs/ beside this script)
 SHOW = False  # at the end, open the plots in windows (needs a display; they are always saved as PNGs)
 
 FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
-CHECKS = {
-    "BACKBONE": (lambda v: v in FEATURES, " or ".join(FEATURES)),
-    "IMAGE_SIZE": (lambda v: 32 <= v <= 512, "an integer in [32, 512]: ResNets downsample 32x"),
-    "WEIGHTS": (
-        lambda v: v in ("DEFAULT", "none") or Path(v).expanduser().is_file(),
-        "DEFAULT, none, or the path of an existing state-dict file",
-    ),
-    "WARMUP": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "EXTRACT_BATCH": (lambda v: v >= 1, "an integer >= 1"),
-}
 
 
 class Preprocess(nn.Module):
@@ -73,7 +60,7 @@ class Preprocess(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, in_features, dropout=DROPOUT):
+    def __init__(self, in_features, dropout):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(in_features, 128),
@@ -151,66 +138,61 @@ def extract_features(preprocess, backbone, images, run, batch_size):
 def cached_features(hp, run, preprocess, backbone, weights_id, x_train, x_test):
     """Features of the train and test images, from the cache when one matches these settings exactly."""
     images_hash = hashlib.sha256(x_train.numpy().tobytes() + x_test.numpy().tobytes()).hexdigest()[:16]
-    key = f"{hp['BACKBONE']}-{weights_id}-{hp['IMAGE_SIZE']}px-{run.precision}-{images_hash}"
-    path = Path(hp["CACHE_DIR"] or common.HERE / "data" / "cache") / f"{key}.pt"
+    key = f"{hp.backbone}-{weights_id}-{hp.image_size}px-{run.precision}-{images_hash}"
+    path = Path(hp.cache_dir or common.HERE / "data" / "cache") / f"{key}.pt"
     run.record["feature_cache"] = str(path)
     cached = common.load_cached_tensors(path, key)
     if cached is None:
-        print(f"extracting {hp['BACKBONE']} features of {len(x_train) + len(x_test)} images (once) ...", flush=True)
-        both = extract_features(preprocess, backbone, torch.cat([x_train, x_test]), run, hp["EXTRACT_BATCH"])
+        print(f"extracting {hp.backbone} features of {len(x_train) + len(x_test)} images (once) ...", flush=True)
+        both = extract_features(preprocess, backbone, torch.cat([x_train, x_test]), run, hp.extract_batch)
         cached = {"key": key, "train": both[: len(x_train)], "test": both[len(x_train) :]}
         common.save_tensors(path, cached)
     return cached["train"], cached["test"]
 
 
 def main(argv=None):
-    hp = common.parse_hparams(globals(), argv, CHECKS)
+    hp = common.parse_hparams(globals(), argv)
     with common.Run("resnet_transfer", hp) as run:
-        torch.manual_seed(hp["SEED"])
-        run.print_header()
-        backbone, weights_id, mean, std = load_backbone(hp["BACKBONE"], hp["WEIGHTS"], hp["SEED"])
-        if hp["WEIGHTS"] == "none":
+        torch.manual_seed(hp.seed)
+        backbone, weights_id, mean, std = load_backbone(hp.backbone, hp.weights, hp.seed)
+        if hp.weights == "none":
             print("NOTE: --weights none: the backbone is randomly initialised, so accuracy is not transfer learning")
-        run.record.update(backbone=hp["BACKBONE"], weights=weights_id, image_size=hp["IMAGE_SIZE"])
+        run.record.update(backbone=hp.backbone, weights=weights_id, image_size=hp.image_size)
         backbone = backbone.to(run.device, memory_format=torch.channels_last)
-        preprocess = Preprocess(hp["IMAGE_SIZE"], mean, std).to(run.device)
-        head = Head(FEATURES[hp["BACKBONE"]], hp["DROPOUT"]).to(run.device)
-        x_train, y_train, x_test, y_test = common.take_subset(
-            hp["SUBSET"], *common.load_fashion_mnist(hp["DATA_DIR"] or None)
-        )
+        preprocess = Preprocess(hp.image_size, mean, std).to(run.device)
+        head = Head(FEATURES[hp.backbone], hp.dropout).to(run.device)
+        x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.load_fashion_mnist(hp.data_dir))
 
-        if hp["FINETUNE"]:
-            model = FineTuned(preprocess, backbone, head)
-            data = common.split_data(hp, x_train.to(run.device), y_train, x_test.to(run.device), y_test)
+        if hp.finetune:  # the backbone runs on every batch, so the model's inputs are the images
+            model, inputs = FineTuned(preprocess, backbone, head), (x_train, x_test)
             params = [
                 {"params": head.parameters()},
-                {"params": backbone.layer4.parameters(), "lr": hp["LR"] / 10},  # pretrained: move it gently
+                {"params": backbone.layer4.parameters(), "lr": hp.lr / 10},  # pretrained: move it gently
             ]
+        else:  # only the head trains, on features computed once
+            model, params = head, head.parameters()
+            inputs = cached_features(hp, run, preprocess, backbone, weights_id, x_train, x_test)
+        splits = common.split_validation(inputs[0], y_train, inputs[1], y_test, hp.val_size, hp.seed)
+        data = common.Splits(*[(x.to(run.device), y.to(run.device)) for x, y in splits])
 
-            def augment(x, generator):
-                return common.random_flip_and_shift(x.float(), hp["MAX_SHIFT"], generator, flip=hp["FLIP"])
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
+        steps = hp.epochs * common.steps_per_epoch(len(data.train[0]), hp.batch_size)
+        scheduler = common.warmup_cosine(optimizer, steps, hp.warmup)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+        generator = torch.Generator(run.device).manual_seed(hp.seed)  # batch order and augmentation
 
-        else:
-            model, augment, params = head, None, head.parameters()
-            features = cached_features(hp, run, preprocess, backbone, weights_id, x_train, x_test)
-            data = common.split_data(hp, features[0], y_train, features[1], y_test)
-        data = {name: (x.to(run.device), y.to(run.device)) for name, (x, y) in data.items()}
+        def augment(images):
+            return common.random_flip_and_shift(images.float(), hp.max_shift, generator, flip=hp.flip)
 
-        optimizer = torch.optim.AdamW(params, lr=hp["LR"], weight_decay=hp["WEIGHT_DECAY"], fused=True)
-        total_steps = hp["EPOCHS"] * math.ceil(len(data["train"][0]) / hp["BATCH_SIZE"])
-        scheduler = common.warmup_cosine(optimizer, total_steps, hp["WARMUP"])
-        return common.train(
-            run,
-            model,
-            data,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            loss_fn=nn.CrossEntropyLoss(label_smoothing=hp["LABEL_SMOOTHING"]),
-            epochs=hp["EPOCHS"],
-            batch_size=hp["BATCH_SIZE"],
-            augment=augment,
-            test_images=x_test,
-        )
+        run.start_training(model)
+        for epoch in range(1, hp.epochs + 1):
+            batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment if hp.finetune else None)
+            train_loss, train_acc = common.train_one_epoch(model, batches, optimizer, loss_fn, run, scheduler)
+            val_loss, val_acc = common.evaluate(model, *data.val, run)
+            run.log_epoch(epoch, train_loss, train_acc, val_loss, val_acc, scheduler.get_last_lr()[0])
+
+        # The final evaluation: the only time the test set is used.
+        return run.report(model, data, x_test, tta_flip=False)
 
 
 if __name__ == "__main__":

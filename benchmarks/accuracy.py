@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import ann  # noqa: E402
 import cnn  # noqa: E402
-import common  # noqa: E402
+import plumbing  # noqa: E402
 
 SCRIPTS = {"ann": ann, "cnn": cnn}
 # Each technique of the recipes switched off (or a tempting alternative switched on): the flags that do it.
@@ -61,9 +61,9 @@ def run_script(name, argv, out_dir):
 
 def machine():
     return {
-        "cpu": common.cpu_model(),
+        "cpu": plumbing.cpu_model(),
         "threads": torch.get_num_threads(),
-        "cpu_bf16": common.bf16_is_fast(torch.device("cpu")),  # decides PRECISION = "auto" on the CPU
+        "cpu_bf16": plumbing.bf16_is_fast(torch.device("cpu")),  # decides PRECISION = "auto" on the CPU
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),

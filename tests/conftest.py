@@ -1,3 +1,4 @@
+import argparse
 import gzip
 import shutil
 import sys
@@ -9,6 +10,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+
+# A run of a few seconds: 1,000 training images, 200 for validation, 10 batches, one epoch.
+SMALL = ["--subset", "1200", "--val-size", "200", "--batch-size", "100", "--epochs", "1"]
+
+
+def settings(**values):
+    """The settings a helper reads by name (hp.device, ...), as parse_hparams returns them."""
+    return argparse.Namespace(**{"device": "cpu", "precision": "fp32", "seed": 0, **values})
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +33,7 @@ def extracted_dir(real_data_dir, tmp_path_factory):
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for name in common.FILES:
-        source = common._find_file(real_data_dir, name)
+        source = common.find_file(real_data_dir, name)
         opener = gzip.open if source.suffix == ".gz" else open
         with opener(source, "rb") as src, open(raw / name, "wb") as dst:
             shutil.copyfileobj(src, dst)

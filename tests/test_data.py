@@ -30,7 +30,7 @@ def test_gz_and_extracted_files_give_the_same_arrays(real_data_dir, extracted_di
 def copied_dir(real_data_dir, tmp_path):
     """A writable copy of the real files as .gz, to damage one of them."""
     for name in common.FILES:
-        source = common._find_file(real_data_dir, name)
+        source = common.find_file(real_data_dir, name)
         data = source.read_bytes()
         (tmp_path / (name + ".gz")).write_bytes(data if source.suffix == ".gz" else gzip.compress(data))
     return tmp_path
@@ -69,7 +69,7 @@ def test_missing_data_dir_is_refused(tmp_path):
 
 def test_explicit_folder_is_searched_first_and_falls_back(real_data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
-    shutil.copy(common._find_file(real_data_dir, "t10k-labels-idx1-ubyte"), tmp_path)
+    shutil.copy(common.find_file(real_data_dir, "t10k-labels-idx1-ubyte"), tmp_path)
     assert common.find_fashion_mnist() == real_data_dir  # an incomplete folder is passed over
 
 

@@ -13,9 +13,8 @@ import torch
 import ann
 import cnn
 import common
-from conftest import ROOT
-
-SMALL = ["--subset", "1200", "--val-size", "200", "--batch-size", "100", "--epochs", "1"]
+import plumbing
+from conftest import ROOT, SMALL
 
 
 def run_cli(script, argv, capsys):
@@ -87,13 +86,13 @@ def test_unreadable_data_folder_is_refused(tmp_path, monkeypatch, capsys):
 def test_failed_download_says_where_data_can_come_from(tmp_path, monkeypatch, capsys):
     from torchvision.datasets import FashionMNIST
 
-    monkeypatch.setattr(common, "HERE", tmp_path)
-    monkeypatch.setattr(common, "DEBIAN_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setattr(plumbing, "HERE", tmp_path)
+    monkeypatch.setattr(plumbing, "DEBIAN_DIR", tmp_path / "no-debian-package")
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
     monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])  # nothing listens there
     code, err = run_cli(ann, ["--out-dir", str(tmp_path / "runs")], capsys)
     assert code == 2 and len(err) == 1
-    assert common.DOWNLOAD_URL in err[0] and "dataset-fashion-mnist" in err[0] and "--data-dir" in err[0]
+    assert plumbing.DOWNLOAD_URL in err[0] and "dataset-fashion-mnist" in err[0] and "--data-dir" in err[0]
 
 
 def test_unwritable_output_folder_is_refused(tmp_path, capsys):

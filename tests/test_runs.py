@@ -10,8 +10,7 @@ import torch
 import ann
 import common
 import compare
-
-SMALL = ["--subset", "1200", "--val-size", "200", "--batch-size", "100", "--epochs", "2"]
+from conftest import SMALL, settings
 
 
 def png_size(path):
@@ -23,7 +22,7 @@ def png_size(path):
 @pytest.fixture(scope="module")
 def ann_run(real_data_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("runs")
-    argv = SMALL + ["--out-dir", str(out_dir)]
+    argv = SMALL + ["--epochs", "2", "--out-dir", str(out_dir)]
     ann.main(argv)
     (run_dir,) = out_dir.iterdir()
     return run_dir, json.loads((run_dir / "metrics.json").read_text()), argv
@@ -51,23 +50,22 @@ def test_confusion_matrix_agrees_with_the_test_accuracy(ann_run):
 def test_record_names_the_environment(ann_run):
     _, record, _ = ann_run
     assert record["torch_version"] == torch.__version__ and record["device_name"]
-    assert record["trainable_params"] == sum(p.numel() for p in ann.ANN().parameters())
+    assert record["trainable_params"] == sum(p.numel() for p in ann.ANN(dropout=0.1).parameters())
 
 
 def test_model_pt_reproduces_the_saved_test_accuracy(ann_run):
     run_dir, record, argv = ann_run
-    hp = common.parse_hparams(vars(ann), argv, ann.CHECKS)
-    model = ann.ANN()
+    hp = common.parse_hparams(vars(ann), argv)
+    model = ann.ANN(hp.dropout)
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
-    run = common.Run("check", {**hp, "OUT_DIR": str(run_dir.parent / "check")})
+    run = common.Run("check", settings(out_dir=str(run_dir.parent / "check")))
     data = common.to_device_normalized(common.load_splits(hp), run.device)
-    _, test_acc = common.evaluate(model, *data["test"], run, tta_flip=hp["TTA_FLIP"])
+    _, test_acc = common.evaluate(model, *data.test, run, tta_flip=hp.tta_flip)
     assert test_acc == pytest.approx(record["final"]["test_acc"])
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
-    hp = {"DEVICE": "cpu", "PRECISION": "fp32", "OUT_DIR": str(tmp_path)}
-    folders = {common.Run("same", hp).dir for _ in range(5)}
+    folders = {common.Run("same", settings(out_dir=str(tmp_path))).dir for _ in range(5)}
     assert len(folders) == 5
 
 

@@ -8,13 +8,12 @@ import torch.nn as nn
 import ann
 import cnn
 import common
-
-SMALL = ["--subset", "1200", "--val-size", "200", "--batch-size", "100", "--epochs", "1"]
+from conftest import SMALL, settings
 
 
 def test_model_shapes_and_parameter_counts():
     x = torch.randn(5, 1, 28, 28)
-    ann_model, cnn_model = ann.ANN(), cnn.CNN(fc_width=256)
+    ann_model, cnn_model = ann.ANN(dropout=0.1), cnn.CNN(fc_width=256, dropout=0.1)
     assert ann_model(x).shape == (5, 10) and cnn_model(x).shape == (5, 10)
     # Linear weights (no bias before BatchNorm) + BatchNorm scale/shift + the last layer's bias.
     assert sum(p.numel() for p in ann_model.parameters()) == 784 * 128 + 2 * 128 + 128 * 64 + 2 * 64 + 64 * 10 + 10
@@ -22,45 +21,30 @@ def test_model_shapes_and_parameter_counts():
     assert sum(p.numel() for p in cnn_model.parameters()) == conv + 3136 * 256 + 256 + 256 * 10 + 10
 
 
-class RecordingModel(nn.Module):
-    """A linear classifier that remembers which images it was trained on (each image holds its index)."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(4, 10)
-        self.seen = []
-
-    def forward(self, x):
-        if self.training:
-            self.seen.append(x[:, 0, 0, 0].long())
-        return self.linear(x.flatten(1)[:, :4])
-
-
-def fake_run(tmp_path, **hp):
-    hp = {"DEVICE": "cpu", "PRECISION": "fp32", "OUT_DIR": str(tmp_path), "SEED": 0, **hp}
-    return common.Run("test", hp)
+@pytest.mark.parametrize("n", [1003, 1025, 65])  # not a multiple of 64; one image over; one image over, 2 batches
+def test_every_training_index_is_used_once_per_epoch_and_no_batch_holds_one_image(n):
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+    y = torch.arange(n)
+    generator = torch.Generator().manual_seed(0)
+    epochs = [list(common.shuffled_batches(x, y, 64, generator)) for _ in range(2)]
+    for batches in epochs:
+        assert len(batches) == common.steps_per_epoch(n, 64)
+        assert min(len(labels) for _, labels in batches) >= 2  # BatchNorm cannot train on one image
+        assert all(torch.equal(images.flatten().long(), labels) for images, labels in batches)
+        assert torch.equal(torch.cat([labels for _, labels in batches]).sort().values, torch.arange(n))
+    assert not torch.equal(torch.cat([y for _, y in epochs[0]]), torch.cat([y for _, y in epochs[1]]))
 
 
-def test_every_training_index_is_used_once_per_epoch(tmp_path):
-    n = 1003  # not a multiple of the batch size
-    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
-    y = torch.randint(0, 10, (n,))
-    data = {"train": (x, y), "val": (x[:10], y[:10]), "test": (x[:10], y[:10])}
-    model = RecordingModel()
-    common.train(
-        fake_run(tmp_path),
-        model,
-        data,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        loss_fn=nn.CrossEntropyLoss(),
-        epochs=2,
-        batch_size=64,
-    )
-    epoch_size = -(-n // 64)
-    for epoch in range(2):
-        seen = torch.cat(model.seen[epoch * epoch_size : (epoch + 1) * epoch_size])
-        assert torch.equal(seen.sort().values, torch.arange(n))
-    assert not torch.equal(torch.cat(model.seen[:epoch_size]), torch.cat(model.seen[epoch_size:]))
+def test_one_epoch_steps_the_optimizer_once_per_batch(tmp_path):
+    x, y = torch.randn(1003, 1, 28, 28), torch.randint(0, 10, (1003,))
+    model = ann.ANN(dropout=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    run = common.Run("test", settings(out_dir=str(tmp_path)))
+    batches = common.shuffled_batches(x, y, 64, torch.Generator().manual_seed(0))
+    loss, acc = common.train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), run, scheduler)
+    assert scheduler.last_epoch == common.steps_per_epoch(1003, 64) == 16
+    assert loss > 0 and 0 <= acc <= 1
 
 
 def test_loss_falls_over_a_few_steps(real_data_dir):
@@ -68,7 +52,7 @@ def test_loss_falls_over_a_few_steps(real_data_dir):
     x = (x[:512].float() / 255 - 0.286) / 0.353
     y = y[:512]
     torch.manual_seed(0)
-    model = ann.ANN()
+    model = ann.ANN(dropout=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
@@ -89,12 +73,12 @@ def test_main_runs_end_to_end_and_writes_the_run_folder(script, extra, real_data
     assert len(record["history"]) == 1 and record["final"] == final
     assert set(record["history"][0]) == {
         "epoch",
-        "train_loss",
-        "train_acc",
+        "train_batch_loss",
+        "train_batch_acc",
         "val_loss",
         "val_acc",
         "lr",
-        "train_seconds",
+        "seconds",
     }
     assert set(final) == {"train_acc", "val_acc", "test_acc", "test_loss", "seconds"}
     assert 0.3 < final["test_acc"] <= 1  # one epoch on 1000 images is far above chance (0.1)
@@ -108,7 +92,7 @@ def test_same_seed_gives_identical_metrics(real_data_dir, tmp_path):
     first, second = ann.main(args), ann.main(args)
     assert {k: v for k, v in first.items() if k != "seconds"} == {k: v for k, v in second.items() if k != "seconds"}
     records = [json.loads((d / "metrics.json").read_text()) for d in sorted(tmp_path.iterdir())]
-    strip = [[{k: v for k, v in h.items() if k != "train_seconds"} for h in r["history"]] for r in records]
+    strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]] for r in records]
     assert strip[0] == strip[1]
 
 
@@ -122,11 +106,13 @@ def test_val_size_zero_trains_on_everything(real_data_dir, out_dir):
 
 
 def test_flags_override_constants_and_defaults_are_the_constants():
-    hp = common.parse_hparams(vars(cnn), ["--epochs", "3", "--lr", "0.5", "--flip", "--fc-width", "64"], cnn.CHECKS)
-    assert (hp["EPOCHS"], hp["LR"], hp["FLIP"], hp["FC_WIDTH"]) == (3, 0.5, True, 64)
-    assert hp["BATCH_SIZE"] == cnn.BATCH_SIZE and hp["SEED"] == cnn.SEED
-    defaults = common.parse_hparams(vars(ann), [], ann.CHECKS)
-    assert defaults == {k: v for k, v in vars(ann).items() if k.isupper() and type(v) in (int, float, str, bool)}
+    hp = common.parse_hparams(vars(cnn), ["--epochs", "3", "--lr", "0.5", "--flip", "--fc-width", "64"])
+    assert (hp.epochs, hp.lr, hp.flip, hp.fc_width) == (3, 0.5, True, 64)
+    assert hp.batch_size == cnn.BATCH_SIZE and hp.seed == cnn.SEED
+    defaults = vars(common.parse_hparams(vars(ann), []))
+    assert defaults == {
+        k.lower(): v for k, v in vars(ann).items() if k.isupper() and type(v) in (int, float, str, bool)
+    }
 
 
 def test_help_lists_every_constant_with_its_comment_and_default(capsys):

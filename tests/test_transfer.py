@@ -7,6 +7,7 @@ import torchvision
 
 import common
 import resnet_transfer as rt
+from conftest import settings
 
 TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--subset", "600", "--val-size", "100"]
 TINY += ["--batch-size", "100", "--epochs", "2"]
@@ -26,12 +27,12 @@ def test_main_end_to_end_trains_only_the_head_and_caches_features(real_data_dir,
     record = run_record(tmp_path)
     assert record["status"] == "completed" and record["final"] == final
     assert record["backbone"] == "resnet18" and record["weights"] == "none-seed0"
-    assert record["trainable_params"] == sum(p.numel() for p in rt.Head(512).parameters())
+    assert record["trainable_params"] == sum(p.numel() for p in rt.Head(512, dropout=0.3).parameters())
     assert "randomly initialised" in capsys.readouterr().out
     (cache,) = (tmp_path / "cache").iterdir()
     saved = torch.load(cache, weights_only=True)
     assert saved["train"].shape == (600, 512) and saved["test"].shape == (600, 512)
-    head = rt.Head(512)
+    head = rt.Head(512, dropout=0.3)
     head.load_state_dict(torch.load(next((tmp_path / "runs").glob("*/model.pt")), weights_only=True))
 
 
@@ -75,7 +76,7 @@ def test_cached_features_equal_fresh_ones(real_data_dir, tmp_path):
     torch.manual_seed(0)  # the seed main() gave the random backbone
     backbone, _, mean, std = rt.load_backbone("resnet18", "none", 0)
     x_train, _, x_test, _ = common.take_subset(600, *common.load_fashion_mnist())
-    run = common.Run("check", {"DEVICE": "cpu", "PRECISION": saved["key"].split("-")[-2], "OUT_DIR": str(tmp_path)})
+    run = common.Run("check", settings(precision=saved["key"].split("-")[-2], out_dir=str(tmp_path)))
     fresh = rt.extract_features(rt.Preprocess(32, mean, std), backbone, x_test, run, 128)
     assert torch.allclose(saved["test"], fresh, rtol=1e-3, atol=1e-3)
 
