@@ -64,7 +64,7 @@ def main(argv=None):
         optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
         steps = hp.epochs * common.steps_per_epoch(len(data.train[0]), hp.batch_size)
         scheduler = common.warmup_cosine(optimizer, steps, hp.warmup)
-        ema = common.EMA(model, hp.ema_decay) if hp.ema_decay else None
+        ema = common.ema_model(model, hp.ema_decay) if hp.ema_decay else None
         evaluated = ema if ema is not None else model  # the weight average, where there is one, is what gets evaluated
         loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
         tta_flip = hp.tta_flip and hp.flip  # mirrored images mislead a model never trained on them

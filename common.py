@@ -8,7 +8,6 @@ atomic writes, clean stops) is in plumbing.py, and the names the scripts need fr
 """
 
 import contextlib
-import copy
 import datetime
 import itertools
 import json
@@ -135,40 +134,28 @@ def random_flip_and_shift(x, max_shift, generator, flip=True):
 def warmup_cosine(optimizer, total_steps, warmup):
     """Per-step schedule: linear warm-up over the first `warmup` fraction of steps, then cosine decay to 0."""
     warmup_steps = max(1, round(warmup * total_steps))
-
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup_steps, total_iters=warmup_steps - 1)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup_steps])
 
 
-class EMA(torch.nn.Module):
-    """A copy of the model whose weights and BatchNorm statistics are an exponential moving average.
+def ema_model(model, decay):
+    """A copy of the model whose weights and BatchNorm statistics are an exponential moving average of its own.
 
-    The decay ramps up as min(decay, (1 + t) / (10 + t)), so the nearly random weights of the first
-    steps are forgotten quickly instead of lingering for thousands of steps.
+    torch's AveragedModel does the bookkeeping; its get_ema_multi_avg_fn keeps the decay fixed, so the update
+    here is our own: the decay ramps up as min(decay, (1 + t) / (10 + t)) over the t averaged steps, and the
+    nearly random weights of the first steps are forgotten within a few hundred steps instead of lingering.
     """
 
-    def __init__(self, model, decay):
-        super().__init__()
-        self.module = copy.deepcopy(model)
-        self.decay = decay
-        self.steps = 0
-
-    @staticmethod
-    def _floats(model):
-        return [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
-
     @torch.no_grad()
-    def update_parameters(self, model):
-        self.steps += 1
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self._floats(self.module), self._floats(model), 1 - decay)
+    def update(averaged, current, steps):
+        if not averaged[0].is_floating_point():  # BatchNorm's step counters: not averaged
+            torch._foreach_copy_(averaged, current)
+            return
+        weight = 1 - ((1 + steps) / (10 + steps)).clamp(max=decay)
+        torch._foreach_lerp_(averaged, current, weight)
 
-    def forward(self, x):
-        return self.module(x)
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 # ----------------------------------------------------------------------------------------------

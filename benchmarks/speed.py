@@ -102,7 +102,7 @@ def our_pipeline(name, n, device, tmp):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, fused=True)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    ema = common.EMA(model, hp.ema_decay) if hp.ema_decay else None
+    ema = common.ema_model(model, hp.ema_decay) if hp.ema_decay else None
     generator = torch.Generator(run.device).manual_seed(0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
 

@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,32 @@ def test_help_lists_every_constant_with_its_comment_and_default(capsys):
         assert "--" + name.lower().replace("_", "-") in text
     epochs_line = next(line for line in Path(cnn.__file__).read_text().splitlines() if line.startswith("EPOCHS ="))
     assert f"{epochs_line.split('# ', 1)[1]} (default: {cnn.EPOCHS})" in text
+
+
+def test_ema_ramps_its_decay_up_and_averages_batchnorm_statistics():
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    averaged = common.ema_model(model, decay=0.9)
+    expected = None
+    for t in range(30):  # the model's weight and running mean step up by 1 each time
+        with torch.no_grad():
+            model[0].weight.fill_(t)
+            model[1].running_mean.fill_(t)
+        averaged.update_parameters(model)
+        decay = min(0.9, (1 + t) / (10 + t))  # t averaged steps before this one
+        expected = float(t) if expected is None else decay * expected + (1 - decay) * t
+        assert averaged.module[0].weight.item() == pytest.approx(expected, rel=1e-5)
+        assert averaged.module[1].running_mean.item() == pytest.approx(expected, rel=1e-5)
+    assert 20 < expected < 29  # behind the model, by about decay / (1 - decay) steps
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = common.warmup_cosine(optimizer, total_steps=100, warmup=0.2)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([0.005, 0.01, 0.015]) and lrs[19] == pytest.approx(0.1)
+    assert lrs[60] == pytest.approx(0.05 * (1 + math.cos(math.pi * 40 / 80)))
+    assert all(a >= b for a, b in zip(lrs[19:], lrs[20:], strict=False)) and optimizer.param_groups[0]["lr"] < 1e-12
