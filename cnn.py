@@ -67,7 +67,7 @@ def main(argv=None):
     hp = common.parse_hparams(globals(), argv)
     with common.Run("cnn", hp) as run:
         torch.manual_seed(hp.seed)
-        splits = common.load_splits(hp)
+        splits = common.load_splits(hp, run)
         data = common.to_device_normalized(splits, run.device)
 
         # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
@@ -85,21 +85,20 @@ def main(argv=None):
         ema = common.ema_model(model, hp.ema_decay) if hp.ema_decay else None
         evaluated = ema if ema is not None else model  # the weight average, where there is one, is what gets evaluated
         loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
-        tta_flip = hp.tta_flip and hp.flip  # mirrored images mislead a model never trained on them
         generator = torch.Generator(run.device).manual_seed(hp.seed)  # batch order and augmentation
 
         def augment(images):
             return common.random_flip_and_shift(images, hp.max_shift, generator, flip=hp.flip)
 
-        run.start_training(model)
+        run.start_training(model, evaluated)
         for epoch in range(1, hp.epochs + 1):
             batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment)
             train_loss, train_acc = common.train_one_epoch(model, batches, optimizer, loss_fn, run, scheduler, ema)
-            val_loss, val_acc = common.evaluate(evaluated, *data.val, run, tta_flip)
+            val_loss, val_acc = common.evaluate(evaluated, *data.val, run, hp.tta_flip)
             run.log_epoch(epoch, train_loss, train_acc, val_loss, val_acc, scheduler.get_last_lr()[0])
 
         # The final evaluation: the only time the test set is used.
-        return run.report(evaluated, data, splits.test[0], tta_flip, hp.tta_shift)
+        return run.report(evaluated, data, splits.test[0], hp.tta_flip, hp.tta_shift)
 
 
 if __name__ == "__main__":

@@ -28,17 +28,21 @@ from plumbing import (  # noqa: F401  (re-exported for the scripts)
     Diverged,
     UserError,
     atomic_write,
+    check_state_dict,
     cpu_model,
     device_name,
     find_fashion_mnist,
     find_file,
     load_cached_tensors,
+    load_weights_file,
     parse_hparams,
     read_idx,
     resolve_device,
     resolve_precision,
     run_main,
     save_tensors,
+    signals_ignored,
+    writable_folder,
 )
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -56,9 +60,14 @@ class Splits(NamedTuple):
     test: tuple
 
 
-def load_fashion_mnist(data_dir=None):
-    """(x_train, y_train, x_test, y_test): uint8 images (N, 1, 28, 28) and int64 labels, verified."""
+def load_fashion_mnist(data_dir=None, run=None):
+    """(x_train, y_train, x_test, y_test): uint8 images (N, 1, 28, 28) and int64 labels, verified.
+
+    The folder they came from is printed and, given the run, recorded in its metrics.json."""
     folder = find_fashion_mnist(data_dir)
+    print(f"  data: {folder}", flush=True)
+    if run is not None:
+        run.record["data_dir"] = str(folder)
     x_train, y_train, x_test, y_test = (read_idx(find_file(folder, name), name) for name in FILES)
     return x_train.unsqueeze(1), y_train.long(), x_test.unsqueeze(1), y_test.long()
 
@@ -88,9 +97,9 @@ def split_validation(x_train, y_train, x_test, y_test, val_size, seed):
     return Splits((x_train[train_idx], y_train[train_idx]), (x_train[val_idx], y_train[val_idx]), (x_test, y_test))
 
 
-def load_splits(hp):
+def load_splits(hp, run):
     """uint8 train/val/test splits of Fashion-MNIST, honouring hp.data_dir, hp.subset, hp.val_size and hp.seed."""
-    arrays = take_subset(hp.subset, *load_fashion_mnist(hp.data_dir or None))
+    arrays = take_subset(hp.subset, *load_fashion_mnist(hp.data_dir, run))
     return split_validation(*arrays, hp.val_size, hp.seed)
 
 
@@ -274,6 +283,7 @@ class Run:
         self.device = resolve_device(hp.device)
         self.precision = resolve_precision(getattr(hp, "precision", "fp32"), self.device)
         self.dir = self._make_dir(Path(hp.out_dir or HERE / "runs"))
+        self.kept_model = None
         self.record = {
             "script": script,
             "status": "running",
@@ -309,19 +319,37 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        """A run stopped by Ctrl-C, SIGTERM or divergence keeps its record and plots of the epochs it finished."""
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C or SIGTERM
-            self.finish("interrupted")
-        elif exc_type is Diverged:
-            self.finish("diverged")
+        """A stopped run keeps its record, plots and latest weights; one that failed before its first epoch
+        leaves no folder behind, and one that failed later says why in its record."""
+        if exc_type is None:
+            return False
+        with signals_ignored():
+            if issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C, SIGTERM or SIGHUP
+                if self.record["history"] and self.kept_model is not None:
+                    save_tensors(
+                        self.dir / "model.pt", getattr(self.kept_model, "module", self.kept_model).state_dict()
+                    )
+                    self.record["model_pt"] = f"weights when interrupted, after epoch {len(self.record['history'])}"
+                self.finish("interrupted")
+            elif exc_type is Diverged:
+                self.finish("diverged")
+            elif not self.record["history"]:
+                with contextlib.suppress(OSError):
+                    self.dir.rmdir()  # only ever empty here: nothing is written before the first epoch
+            else:
+                self.record["error"] = str(exc).splitlines()[0] if str(exc) else exc_type.__name__
+                self.finish("failed")
         return False
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
-    def start_training(self, model):
-        """Record the trainable parameters, print the epoch table's header and start the epoch clock."""
+    def start_training(self, model, kept_model=None):
+        """Record the trainable parameters, print the epoch table's header and start the epoch clock.
+
+        `kept_model` (default: model) is the one whose weights an interrupted run saves."""
         self.record["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.kept_model = kept_model if kept_model is not None else model
         columns = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
         print(" ".join(f"{name:>{width}}" for name, width in zip(columns, (5, 10, 9, 8, 7, 9, 7), strict=True)))
         self.epoch_started = time.perf_counter()
@@ -343,6 +371,10 @@ class Run:
         self.save()
         val = f"{val_loss:>8.4f} {val_acc:>7.2%}" if val_loss is not None else f"{'-':>8} {'-':>7}"
         print(f"{epoch:>5} {train_loss:>10.4f} {train_acc:>9.2%} {val} {lr:>9.2e} {seconds:>7.1f}", flush=True)
+        epochs = getattr(self.hp, "epochs", 1)
+        if epoch == 1 and epochs > 1:
+            minutes = (time.perf_counter() - self.started + (epochs - 1) * seconds) / 60
+            print(f"      (about {minutes:.1f} min for all {epochs} epochs at this pace)")
         self.epoch_started = time.perf_counter()
 
     def report(self, model, data, test_images, tta_flip=False, tta_shift=0):
@@ -366,6 +398,7 @@ class Run:
         self.record["per_class_test_acc"] = dict(zip(CLASSES, per_class.tolist(), strict=True))
         self.record["test_confusion"] = confusion.tolist()
         save_tensors(self.dir / "model.pt", getattr(model, "module", model).state_dict())
+        self.record["model_pt"] = "final weights, as evaluated"
         plot_confusion(confusion, self.dir / "confusion.png", title=f"{self.script}: test confusion, rows = true class")
         plot_misclassified(test_images.cpu(), y_test.cpu(), test_logits.cpu(), self.dir / "misclassified.png")
         self.finish("completed")
@@ -376,7 +409,12 @@ class Run:
         self.record["status"] = status
         self.save()
         if self.record["history"]:
-            plot_curves(self.record["history"], self.dir / "curves.png", title=f"{self.script}  ({self.dir.name})")
+            try:
+                plot_curves(self.record["history"], self.dir / "curves.png", title=f"{self.script}  ({self.dir.name})")
+            except (Exception, KeyboardInterrupt) as error:  # a stop during the plot must not lose the record
+                if status == "completed":
+                    raise
+                print(f"{self.script}: curves.png not drawn ({type(error).__name__})", file=sys.stderr)
         final = self.record["final"]
         if final:
             val = "n/a" if final["val_acc"] is None else f"{final['val_acc']:.2%}"
@@ -401,18 +439,25 @@ class Run:
 
 
 def plot_curves(history, path, title=""):
+    """Loss and accuracy per epoch. The training curves are measured on the batches as they were trained
+    (augmented, dropout on, label smoothing in the loss), so they sit above an evaluation's loss; the
+    validation curves are an evaluation of the kept model."""
     from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
+    train_label = "training batches (augmented, dropout on,\nlabel smoothing in the loss)"
     fig = Figure(figsize=(10, 4), dpi=100)
-    for ax, key, label in ((fig.add_subplot(1, 2, 1), "loss", "loss"), (fig.add_subplot(1, 2, 2), "acc", "accuracy")):
-        ax.plot(epochs, [h[f"train_batch_{key}"] for h in history], "o-", label="train")
+    for i, (key, label, scale) in enumerate((("loss", "cross-entropy loss", 1), ("acc", "accuracy (%)", 100))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.plot(epochs, [scale * h[f"train_batch_{key}"] for h in history], "o-", markersize=3, label=train_label)
         if history[0][f"val_{key}"] is not None:
-            ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="validation")
+            ax.plot(
+                epochs, [scale * h[f"val_{key}"] for h in history], "o-", markersize=3, label="validation (evaluated)"
+            )
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)

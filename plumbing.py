@@ -7,6 +7,7 @@ code 2 instead of a traceback. The scripts reach all of this through `common`.
 
 import argparse
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -16,6 +17,8 @@ import platform
 import re
 import signal
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +49,7 @@ def _path(text):
 # default is written as (DROPOUT = 0 still takes --dropout 0.3); a constant of another type is refused.
 SETTINGS = {
     "EPOCHS": (int, lambda v: v >= 1, "an integer >= 1"),
-    "BATCH_SIZE": (int, lambda v: v >= 1, "an integer >= 1"),
+    "BATCH_SIZE": (int, lambda v: v >= 2, "an integer >= 2 (BatchNorm cannot train on one image)"),
     "LR": (float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "MOMENTUM": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "WEIGHT_DECAY": (float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
@@ -61,7 +64,7 @@ SETTINGS = {
     "TTA_SHIFT": (int, lambda v: 0 <= v <= 4, "an integer in [0, 4]"),
     "VAL_SIZE": (int, lambda v: 0 <= v < N_TRAIN, f"an integer in [0, {N_TRAIN})"),
     "SUBSET": (int, lambda v: 0 <= v <= N_TRAIN, f"an integer in [0, {N_TRAIN}] (0 = all)"),
-    "SEED": (int, lambda v: v >= 0, "an integer >= 0"),
+    "SEED": (int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)"),
     "DEVICE": (
         str,
         lambda v: v in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v),
@@ -124,7 +127,7 @@ def parse_hparams(namespace, argv=None):
     """
     script = Path(namespace.get("__file__", "script")).name
     helps = _comments(Path(namespace["__file__"]).read_text()) if "__file__" in namespace else {}
-    parser = _OneLineParser(prog=script, description=(namespace.get("__doc__") or "").strip().splitlines()[0])
+    parser = _OneLineParser(prog=script, description=(namespace.get("__doc__") or "").strip().split("\n")[0])
     for name, (kind, default) in _constants(namespace, script).items():
         help_text = helps.get(name, "").replace("%", "%%") + " (default: %(default)s)"
         if kind is bool:
@@ -137,6 +140,9 @@ def parse_hparams(namespace, argv=None):
         if not ok(value):
             raise UserError(f"{_flag(name)} ({name.upper()}) = {value!r} is not allowed: use {allowed}")
     _check_split(hp)
+    if getattr(hp, "tta_flip", False) and not getattr(hp, "flip", True):
+        hp.tta_flip = False  # recorded as it runs: mirrored images mislead a model never trained on them
+        print(f"{script}: note: --tta-flip is off because --flip is off (the model never sees mirrored images)")
     return hp
 
 
@@ -189,6 +195,12 @@ def resolve_precision(name, device):
         return "bf16" if bf16_is_fast(device) else "fp32"
     if name == "bf16" and device.type == "mps":
         raise UserError("--precision bf16 is not supported on MPS here; use fp32 or auto")
+    if name == "bf16" and not bf16_is_fast(device):
+        print(
+            f"warning: --precision bf16 on a {device.type.upper()} without bf16 units is emulated and runs several "
+            "times slower than fp32; --precision auto picks fp32 here",
+            file=sys.stderr,
+        )
     return name
 
 
@@ -222,20 +234,33 @@ FILES = {
 }
 
 
-def _candidate_dirs(data_dir):
-    dirs = []
-    chosen = data_dir or os.environ.get("FASHION_MNIST_DIR")
-    if chosen:
-        chosen = Path(chosen).expanduser()
-        if not chosen.is_dir():
-            raise UserError(
-                f"data folder {chosen} does not exist; create it, or leave --data-dir empty to search the defaults"
-            )
-        if not os.access(chosen, os.R_OK | os.X_OK):
-            raise UserError(f"data folder {chosen} is not readable; fix its permissions or pick another --data-dir")
-        dirs += [chosen, chosen / "FashionMNIST" / "raw"]
-    dirs += [HERE / "data", HERE / "data" / "FashionMNIST" / "raw", DEBIAN_DIR]
-    return dirs
+# Decompressed sizes: a file of any other size is refused before it is read (or inflated) whole.
+SIZES = {
+    "train-images-idx3-ubyte": 16 + 60_000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60_000,
+    "t10k-images-idx3-ubyte": 16 + 10_000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10_000,
+}
+
+
+def _named_folder(data_dir):
+    """The folder the user named with --data-dir or $FASHION_MNIST_DIR (None if neither), checked to be usable."""
+    flag = "--data-dir" if data_dir else "$FASHION_MNIST_DIR" if os.environ.get("FASHION_MNIST_DIR") else None
+    if flag is None:
+        return None
+    folder = Path(data_dir or os.environ["FASHION_MNIST_DIR"]).expanduser()
+    try:
+        folder.stat()
+    except OSError as error:
+        problem = "is a symlink loop" if error.errno == errno.ELOOP else "does not exist"
+        raise UserError(
+            f"{flag} {folder} {problem}; point it at a folder (it may be empty: the data is downloaded there)"
+        ) from None
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder; point it at the folder that holds the data files")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} is not readable; fix its permissions or pick another folder")
+    return folder
 
 
 def find_file(folder, name):
@@ -248,7 +273,7 @@ def find_file(folder, name):
 def _download(folder):
     from torchvision.datasets import FashionMNIST
 
-    print(f"Fashion-MNIST not found locally; downloading it with torchvision into {folder} ...", flush=True)
+    print(f"Fashion-MNIST not found in {folder}; downloading it there with torchvision ...", flush=True)
     try:
         FashionMNIST(root=str(folder), train=True, download=True)
     except Exception as error:  # torchvision raises RuntimeError, URLError or OSError depending on the failure
@@ -260,18 +285,43 @@ def _download(folder):
 
 
 def find_fashion_mnist(data_dir=None):
-    """The first folder holding all four files, downloading into the data folder when there is none."""
-    dirs = _candidate_dirs(data_dir)
+    """The folder holding all four files: the one the user named (downloading into it when they are missing),
+    or else the first of ./data and the Debian package's folder that has them (else a download into ./data)."""
+    named = _named_folder(data_dir)
+    dirs = (
+        [named, named / "FashionMNIST" / "raw"]
+        if named
+        else [HERE / "data", HERE / "data" / "FashionMNIST" / "raw", DEBIAN_DIR]
+    )
     for folder in dirs:
         if all(find_file(folder, name) for name in FILES):
             return folder
-    return _download(dirs[0] if data_dir or os.environ.get("FASHION_MNIST_DIR") else HERE / "data")
+    return _download(named or HERE / "data")
+
+
+def _read_capped(path, name):
+    """The decompressed bytes of path, refused as soon as they pass the official file's size."""
+    expected = SIZES[name]
+    size = path.stat().st_size
+    if path.suffix != ".gz" and size != expected or path.suffix == ".gz" and size > expected + 4096:
+        raise UserError(
+            f"{path}: {size:,} bytes, but the official {name} is {expected:,} bytes decompressed; "
+            "delete it and run again to re-download, or point --data-dir at the right files"
+        )
+    with gzip.open(path) if path.suffix == ".gz" else open(path, "rb") as f:
+        raw = f.read(expected + 1)
+    if len(raw) != expected:
+        raise UserError(
+            f"{path}: holds {'more' if len(raw) > expected else 'less'} than the {expected:,} bytes of the official "
+            f"{name}; it is truncated or another file: delete it and run again to re-download"
+        )
+    return raw
 
 
 def read_idx(path, name):
     """One IDX file as a uint8 tensor, refused unless its decompressed bytes are exactly the official ones."""
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        raw = _read_capped(path, name)
     except PermissionError:
         raise UserError(f"{path}: permission denied; make it readable or point --data-dir elsewhere") from None
     except (OSError, EOFError, gzip.BadGzipFile, ValueError) as error:
@@ -295,18 +345,22 @@ def read_idx(path, name):
 
 
 def atomic_write(path, data):
-    """Write-then-rename, so a reader never sees a half-written file; a full disk is a user error."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write-then-rename, so a reader never sees a half-written file; a full disk is a user error.
+
+    Each writer has its own temporary file, so two runs writing the same file at once never mix their bytes."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {error.strerror}; free some space or choose another --out-dir") from None
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {error.strerror}; free some space or choose another folder") from None
 
 
 def save_tensors(path, tensors):
@@ -316,40 +370,133 @@ def save_tensors(path, tensors):
     atomic_write(path, buffer.getvalue())
 
 
-def load_cached_tensors(path, key):
-    """The dict save_tensors wrote to path if its "key" entry equals key; None (after a notice) otherwise."""
+def load_cached_tensors(path, key, shapes):
+    """The dict save_tensors wrote to path if its "key" entry equals key and its tensors have the expected
+    {name: shape}; None (after a notice) otherwise, so that the cache is rebuilt."""
     if not path.exists():
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(saved, dict) and saved.get("key") == key:
+        if not isinstance(saved, dict) or saved.get("key") != key:
+            reason = "stale (made with other settings)"
+        elif all(torch.is_tensor(saved.get(k)) and tuple(saved[k].shape) == s for k, s in shapes.items()):
             return saved
-        reason = "stale (made with other settings)"
+        else:
+            reason = "damaged (its tensors have the wrong shape)"
     except Exception as error:  # any unreadable file is treated the same way: rebuilt
         reason = f"corrupt ({type(error).__name__})"
     print(f"cache {path} is {reason}; rebuilding it", flush=True)
     return None
 
 
+def writable_folder(path, flag):
+    """path, created if needed and checked to be a folder we can write to, before any long work uses it."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; point {flag} at a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise UserError(
+            f"{flag} {path} is not writable ({error.strerror}); point {flag} at a writable folder"
+        ) from None
+    return path
+
+
+def load_weights_file(path, what):
+    """The state dict (name -> tensor) in a file torch.save wrote, loaded without running any code in it.
+
+    `{"state_dict": ...}`, as training frameworks save it, is unwrapped. Every bad file is a UserError
+    naming `what` and the file: empty, not torch's format, pickled objects or code, or no state dict."""
+    try:
+        if path.stat().st_size == 0:
+            raise UserError(f"{what} {path}: the file is empty")
+        with warnings.catch_warnings():  # torch warns about unusual pickles: the one line below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise UserError(f"{what} {path}: cannot read it ({error.strerror})") from None
+    except UserError:
+        raise
+    except Exception as error:  # pickle, zip and format errors all mean the same thing to the user
+        if "Weights only load failed" in str(error):
+            raise UserError(
+                f"{what} {path}: holds pickled Python objects (a whole model, or code), which are never loaded "
+                "here because loading them can run code; save and pass model.state_dict() instead"
+            ) from None
+        raise UserError(
+            f"{what} {path}: not a file written by torch.save (corrupt, truncated or another format)"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{what} {path}: holds no state dict (a dict of parameter names to tensors)")
+    return state
+
+
+def check_state_dict(state, model, what, name):
+    """Refuse, in words, a state dict whose names or shapes are not those of the model (called `name`)."""
+    expected = model.state_dict()
+    missing, foreign = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or foreign:
+        example = f"it lacks {missing[0]}" if missing else f"it has {foreign[0]}"
+        raise UserError(
+            f"{what}: not a {name} state dict ({len(missing)} of its {len(expected)} tensors missing, "
+            f"{len(foreign)} foreign: {example}); was it saved from another architecture?"
+        )
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise UserError(
+                f"{what}: not a {name} state dict ({key} has shape {tuple(state[key].shape)} where {name} has "
+                f"{tuple(tensor.shape)}: the weights come from a model of other sizes)"
+            )
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point: settings and data problems end in one line and exit code 2, never a traceback.
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a job scheduler's time limit): handled like Ctrl-C, so the run's record is kept."""
+STOP_SIGNALS = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # no SIGHUP on Windows
 
 
-def _terminate(signum, frame):
-    raise Terminated
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler) or SIGHUP (a closed terminal): handled like Ctrl-C, the record is kept."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def signals_ignored():
+    """Ctrl-C and the stop signals are ignored inside the block, so a second one cannot cut a record short."""
+    handled = [signal.SIGINT, *STOP_SIGNALS]
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in handled}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _out_of_memory(error):
+    text = str(error)
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+    )
 
 
 def run_main(main, argv=None):
-    """Call main(argv) and turn the expected failures into exit codes.
+    """Call main(argv) and turn the expected failures into exit codes and one line on stderr.
 
-    2 user error, 1 diverged, 130 Ctrl-C, 143 SIGTERM (128 + the signal, as shells report it).
+    2 user error or out of memory, 1 diverged, 130 Ctrl-C, 128 + the signal for SIGTERM (143) and SIGHUP (129).
     """
     script = Path(sys.argv[0]).name
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     try:
         main(argv)
     except UserError as error:
@@ -358,12 +505,19 @@ def run_main(main, argv=None):
     except Diverged as error:
         print(f"{script}: error: the loss became NaN or infinite ({error}); try a smaller --lr", file=sys.stderr)
         return 1
-    except Terminated:
-        print(f"{script}: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Stopped as stop:
+        print(f"{script}: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"{script}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not _out_of_memory(error):
+            raise
+        reason = str(error).splitlines()[0][:160]
+        print(f"{script}: error: out of memory ({reason}); use smaller --batch-size or model sizes", file=sys.stderr)
+        return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0

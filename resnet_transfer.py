@@ -6,6 +6,7 @@ Run `python resnet_transfer.py`, or override any constant below (`python resnet_
 """
 
 import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -98,27 +99,34 @@ def load_backbone(name, weights, seed):
     """(frozen backbone without its classifier, weights identity, normalisation mean, std)."""
     imagenet = torchvision.models.get_model_weights(name).DEFAULT
     mean, std = imagenet.transforms().mean, imagenet.transforms().std
-    if weights == "DEFAULT":
-        expected = Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name
-        try:
-            model = torchvision.models.get_model(name, weights=imagenet)
-        except (OSError, RuntimeError) as error:  # no network (URLError is an OSError) or a bad download
-            raise common.UserError(
-                f"cannot load the ImageNet weights for {name} ({type(error).__name__}): put {expected.name} "
-                f"(from {imagenet.url}) into {expected.parent}, or pass --weights PATH to a state-dict file, "
-                "or --weights none for random weights"
-            ) from None
-        return freeze(model), expected.name, mean, std
     model = torchvision.models.get_model(name, weights=None)
     if weights == "none":
         return freeze(model), f"none-seed{seed}", mean, std
-    path = Path(weights).expanduser()
+    if weights == "DEFAULT":
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name
+        what, identity = "the cached ImageNet weights (delete the file to download them again)", path.name
+        if not path.exists():
+            download(imagenet.url, path)
+    else:
+        path, what, identity = Path(weights), "--weights", None
+    state = common.load_weights_file(path, what)
+    common.check_state_dict(state, model, f"{what} {path}", name)
+    model.load_state_dict(state)
+    return freeze(model), identity or hashlib.sha256(path.read_bytes()).hexdigest()[:16], mean, std
+
+
+def download(url, path):
+    """torch's downloader (checking the hash in the file's name, as torchvision does), with every failure (no
+    network, a full disk, a damaged download) as one line saying what to do instead."""
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, KeyError, TypeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else str(error).splitlines()[0]
-        raise common.UserError(f"--weights {path}: not a {name} state dict ({reason})") from None
-    return freeze(model), hashlib.sha256(path.read_bytes()).hexdigest()[:16], mean, std
+        path.parent.mkdir(parents=True, exist_ok=True)
+        hash_prefix = re.search(torch.hub.HASH_REGEX, path.name)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix and hash_prefix.group(1))
+    except Exception as error:  # URLError, HTTPError, OSError, RuntimeError: the advice is the same
+        raise common.UserError(
+            f"cannot download {path.name} ({type(error).__name__}): put it (from {url}) into {path.parent}, "
+            "or pass --weights PATH to a state-dict file, or --weights none for random weights"
+        ) from None
 
 
 def freeze(model):
@@ -139,9 +147,10 @@ def cached_features(hp, run, preprocess, backbone, weights_id, x_train, x_test):
     """Features of the train and test images, from the cache when one matches these settings exactly."""
     images_hash = hashlib.sha256(x_train.numpy().tobytes() + x_test.numpy().tobytes()).hexdigest()[:16]
     key = f"{hp.backbone}-{weights_id}-{hp.image_size}px-{run.precision}-{images_hash}"
-    path = Path(hp.cache_dir or common.HERE / "data" / "cache") / f"{key}.pt"
+    path = Path(hp.cache_dir or common.HERE / "data" / "cache") / f"{key}.pt"  # checked to be writable at start
     run.record["feature_cache"] = str(path)
-    cached = common.load_cached_tensors(path, key)
+    width = FEATURES[hp.backbone]
+    cached = common.load_cached_tensors(path, key, {"train": (len(x_train), width), "test": (len(x_test), width)})
     if cached is None:
         print(f"extracting {hp.backbone} features of {len(x_train) + len(x_test)} images (once) ...", flush=True)
         both = extract_features(preprocess, backbone, torch.cat([x_train, x_test]), run, hp.extract_batch)
@@ -152,6 +161,8 @@ def cached_features(hp, run, preprocess, backbone, weights_id, x_train, x_test):
 
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv)
+    if not hp.finetune:  # the features are cached there: better to learn now than after extracting them
+        common.writable_folder(Path(hp.cache_dir or common.HERE / "data" / "cache"), "--cache-dir")
     with common.Run("resnet_transfer", hp) as run:
         torch.manual_seed(hp.seed)
         backbone, weights_id, mean, std = load_backbone(hp.backbone, hp.weights, hp.seed)
@@ -161,7 +172,7 @@ def main(argv=None):
         backbone = backbone.to(run.device, memory_format=torch.channels_last)
         preprocess = Preprocess(hp.image_size, mean, std).to(run.device)
         head = Head(FEATURES[hp.backbone], hp.dropout).to(run.device)
-        x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.load_fashion_mnist(hp.data_dir))
+        x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.load_fashion_mnist(hp.data_dir, run))
 
         if hp.finetune:  # the backbone runs on every batch, so the model's inputs are the images
             model, inputs = FineTuned(preprocess, backbone, head), (x_train, x_test)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 
 
 def test_loader_matches_torchvision_reader(extracted_dir):
@@ -67,10 +68,12 @@ def test_missing_data_dir_is_refused(tmp_path):
         common.load_fashion_mnist(tmp_path / "nowhere")
 
 
-def test_explicit_folder_is_searched_first_and_falls_back(real_data_dir, tmp_path, monkeypatch):
+def test_a_named_folder_is_used_even_when_incomplete(real_data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
     shutil.copy(common.find_file(real_data_dir, "t10k-labels-idx1-ubyte"), tmp_path)
-    assert common.find_fashion_mnist() == real_data_dir  # an incomplete folder is passed over
+    downloads = []
+    monkeypatch.setattr(plumbing, "_download", lambda folder: downloads.append(folder) or folder)
+    assert common.find_fashion_mnist() == tmp_path and downloads == [tmp_path]  # never other files silently
 
 
 def test_stratified_split_is_balanced_disjoint_and_seeded():

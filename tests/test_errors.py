@@ -146,3 +146,37 @@ def test_ctrl_c_or_kill_keeps_completed_epochs(stop, exit_code, real_data_dir, t
     record = json.loads(metrics[0].read_text())
     assert record["status"] == "interrupted" and len(record["history"]) >= 2
     assert (metrics[0].parent / "curves.png").stat().st_size > 0
+
+
+def test_a_float_setting_keeps_a_float_flag_whatever_its_default_is_written_as():
+    hp = common.parse_hparams({"DROPOUT": 0, "LR": 1, "EPOCHS": 3}, ["--dropout", "0.3", "--lr", "0.05"])
+    assert (hp.dropout, hp.lr, hp.epochs) == (0.3, 0.05, 3) and type(hp.epochs) is int
+    assert type(common.parse_hparams({"DROPOUT": 0}, []).dropout) is float
+
+
+@pytest.mark.parametrize(
+    "constants, name",
+    [({"EPOCHS": 1e1}, "EPOCHS"), ({"FLIP": 1}, "FLIP"), ({"SEED": True}, "SEED"), ({"LR": "0.1"}, "LR")],
+)
+def test_a_constant_edited_to_the_wrong_type_is_refused_naming_it(constants, name):
+    with pytest.raises(common.UserError, match=rf"^{name} = .* is not allowed: make it"):
+        common.parse_hparams(constants, [])
+
+
+def test_tta_flip_without_flip_is_recorded_as_off(capsys):
+    hp = common.parse_hparams(vars(cnn), ["--tta-flip"])
+    assert hp.tta_flip is False and "--tta-flip is off because --flip is off" in capsys.readouterr().out
+    assert common.parse_hparams(vars(cnn), ["--tta-flip", "--flip"]).tta_flip is True
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_in_one_line_and_runs(real_data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(plumbing, "bf16_is_fast", lambda device: False)
+    code, err = run_cli(ann, SMALL + ["--precision", "bf16", "--out-dir", str(tmp_path)], capsys)
+    assert code == 0 and len(err) == 1 and "without bf16 units" in err[0] and "slower" in err[0]
+
+
+def test_the_expected_duration_is_printed_after_the_first_epoch(real_data_dir, tmp_path, capsys):
+    ann.main(SMALL + ["--epochs", "3", "--out-dir", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.split()[:1] == ["1"])
+    assert "min for all 3 epochs" in lines[first + 1] and lines[first + 2].split()[0] == "2"

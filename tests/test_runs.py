@@ -59,7 +59,7 @@ def test_model_pt_reproduces_the_saved_test_accuracy(ann_run):
     model = ann.ANN(hp.dropout)
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     run = common.Run("check", settings(out_dir=str(run_dir.parent / "check")))
-    data = common.to_device_normalized(common.load_splits(hp), run.device)
+    data = common.to_device_normalized(common.load_splits(hp, run), run.device)
     _, test_acc = common.evaluate(model, *data.test, run, tta_flip=hp.tta_flip)
     assert test_acc == pytest.approx(record["final"]["test_acc"])
 
@@ -69,7 +69,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
     assert len(folders) == 5
 
 
-def test_compare_lists_good_runs_and_survives_broken_ones(ann_run, tmp_path, capsys):
+def test_compare_groups_seeds_and_survives_broken_folders(ann_run, tmp_path, capsys):
     run_dir, record, _ = ann_run
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -80,6 +80,7 @@ def test_compare_lists_good_runs_and_survives_broken_ones(ann_run, tmp_path, cap
         (folder / "metrics.json").write_text(json.dumps({**record, **changes}))
 
     fake_run("ann-20260101-000000")
+    fake_run("ann-20260101-000050", hparams={**record["hparams"], "SEED": 7}, started="2026-01-01T00:00:50")
     fake_run(
         "ann-20260101-000100",
         started="2026-01-01T00:01:00",
@@ -95,18 +96,44 @@ def test_compare_lists_good_runs_and_survives_broken_ones(ann_run, tmp_path, cap
     out, err = capsys.readouterr()
     assert code == 0
     lines = out.strip().splitlines()
-    assert lines[0].split()[:3] == ["run", "script", "status"]
-    rows = {line.split()[0]: line for line in lines[1:4]}
-    assert set(rows) == {"ann-20260101-000000", "ann-20260101-000100", "cnn-20260101-000200"}
-    assert "lr=0.01" in rows["ann-20260101-000100"] and "50.00%" in rows["ann-20260101-000100"]
-    assert f"lr={ann.LR}" in rows["ann-20260101-000000"]
-    assert "interrupted" in rows["cnn-20260101-000200"]
+    assert lines[0].split()[:3] == ["group", "script", "n"]
+    rows = {line.split()[0]: line for line in lines[1:3]}
+    assert rows["A"].split()[:3] == ["A", "ann", "2"] and f"lr={ann.LR}" in rows["A"]  # two seeds, one group
+    assert rows["B"].split()[:3] == ["B", "ann", "1"] and "lr=0.01" in rows["B"] and "50.00% (n=1" in rows["B"]
+    assert "noise unknown" in rows["B"] and "seed" not in lines[0]
     assert "batch_size" not in out  # equal in every run, so not shown
+    assert "cnn-20260101-000200 (interrupted)" in lines[3]
     assert "ann-20260101-000300" in err and "notes" in err
-    assert png_size(runs / "compare.png") == (1000, 600)
+    assert png_size(runs / "compare.png") == (1100, 500)
 
-    common.run_main(compare.main, ["--out-dir", str(runs), "--script", "cnn"])
-    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # header, one run, the figure's path
+
+def fake_record(seed, test_acc, lr=0.1):
+    history = [{"epoch": e, "val_acc": test_acc - 0.01 * (3 - e)} for e in (1, 2, 3)]
+    final = {"test_acc": test_acc, "val_acc": test_acc + 0.005, "seconds": 60.0}
+    hparams = {"LR": lr, "SEED": seed, "EPOCHS": 3}
+    return {"script": "cnn", "status": "completed", "hparams": hparams, "history": history, "final": final}
+
+
+@pytest.mark.parametrize(
+    "b_accuracies, expected",
+    [
+        ([0.925, 0.926, 0.924], "larger than the seed spread"),  # 2 points apart, spread 0.1
+        ([0.905, 0.915, 0.897], "within the seed spread"),  # 0.1 apart, spread about 0.9
+        ([0.93], "noise unknown"),
+    ],
+)
+def test_compare_says_whether_a_difference_is_beyond_the_seed_spread(b_accuracies, expected, tmp_path, capsys):
+    records = [fake_record(seed, acc) for seed, acc in enumerate([0.905, 0.906, 0.904], 1)]
+    records += [fake_record(seed, acc, lr=0.05) for seed, acc in enumerate(b_accuracies, 1)]
+    for i, record in enumerate(records):
+        record["started"] = f"2026-01-01T00:00:{i:02d}"
+        (tmp_path / f"cnn-{i}").mkdir()
+        (tmp_path / f"cnn-{i}" / "metrics.json").write_text(json.dumps(record))
+    assert common.run_main(compare.main, ["--out-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "90.50% ± 0.10%" in lines[1] and lines[1].rstrip().endswith("reference")
+    assert lines[2].split()[:3] == ["B", "cnn", str(len(b_accuracies))] and "lr=0.05" in lines[2]
+    assert "vs A:" in lines[2] and expected in lines[2]
 
 
 def test_show_opens_the_plots_only_where_asked_and_a_display_exists(real_data_dir, tmp_path, monkeypatch, capsys):
