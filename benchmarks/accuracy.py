@@ -3,9 +3,13 @@ and an ablation table that turns one technique off at a time (validation accurac
 
     python benchmarks/accuracy.py                      # ann and cnn, seeds 1 2 3
     python benchmarks/accuracy.py --ablation           # ...plus one run per technique switched off (seed 1)
+    python benchmarks/accuracy.py --scripts cnn --epochs-grid 8 12 16   # time to accuracy: epochs vs test, seconds
+    python benchmarks/accuracy.py --scripts cnn --epochs 15             # unknown flags go to every script run
+    python benchmarks/accuracy.py --runs runs          # keep the run folders where compare.py looks
     python benchmarks/accuracy.py --quick              # tiny smoke run, for the test suite
 
-Writes benchmarks/results/accuracy.json and accuracy.md (or --results DIR).
+Writes accuracy.json and accuracy.md into runs/benchmark-results/ (or --results DIR; the tracked tables in
+benchmarks/results/ change only with --results benchmarks/results).
 """
 
 import argparse
@@ -83,12 +87,16 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--ablation", action="store_true", help="also run each technique switched off (first seed)")
     parser.add_argument("--quick", action="store_true", help="tiny runs: checks the pipeline, measures nothing")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
-    extra = QUICK if args.quick else []
-    results = {"machine": machine(), "quick": args.quick, "seeds": args.seeds, "scripts": {}, "ablation": {}}
+    parser.add_argument("--epochs-grid", nargs="+", type=int, default=[], help="epoch counts to time (all seeds)")
+    parser.add_argument("--results", type=Path, default=ROOT / "runs" / "benchmark-results", help="tables go here")
+    parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
+    args, passed_on = parser.parse_known_args()
+    extra = (QUICK if args.quick else []) + passed_on
+    results = {"machine": machine(), "quick": args.quick, "seeds": args.seeds, "flags": " ".join(passed_on)}
+    results.update(scripts={}, ablation={}, epochs_grid={})
 
-    with tempfile.TemporaryDirectory() as out_dir:
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = args.runs or tmp
         for name in args.scripts:
             runs = []
             for seed in args.seeds:
@@ -112,6 +120,21 @@ def main():
                     rows[label] = {"flags": " ".join(flags), **run_script(name, extra + seed + flags, out_dir)}
                     print(f"{name} {label}: val_acc={rows[label]['val_acc']:.2%}", flush=True)
                     save(results, args)
+            for epochs in args.epochs_grid:
+                finals = [
+                    run_script(name, extra + ["--seed", str(s), "--epochs", str(epochs)], out_dir) for s in args.seeds
+                ]
+                accs, secs = [f["test_acc"] for f in finals], [f["seconds"] for f in finals]
+                results["epochs_grid"].setdefault(name, {})[epochs] = {
+                    "test_acc": accs,
+                    "test_acc_mean": statistics.mean(accs),
+                    "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    "seconds_mean": statistics.mean(secs),
+                }
+                print(
+                    f"{name} {epochs} epochs: test_acc={statistics.mean(accs):.2%} seconds={statistics.mean(secs):.0f}"
+                )
+                save(results, args)
     print(markdown(results))
 
 
@@ -133,6 +156,13 @@ def markdown(results):
     for name, r in results["scripts"].items():
         acc = f"{r['test_acc_mean']:.2%} ± {r['test_acc_std']:.2%}"
         lines.append(f"| {name}.py | {acc} | {r['seconds_mean']:.0f} |")
+    if results.get("flags"):
+        lines += ["", f"Every run with `{results['flags']}`."]
+    for name, grid in results.get("epochs_grid", {}).items():
+        lines += ["", f"Time to accuracy of {name}.py (seeds {', '.join(map(str, results['seeds']))}):", ""]
+        lines += ["| epochs | test accuracy (mean ± std) | wall seconds (mean) |", "|---|---|---|"]
+        for epochs, r in grid.items():
+            lines.append(f"| {epochs} | {r['test_acc_mean']:.2%} ± {r['test_acc_std']:.2%} | {r['seconds_mean']:.0f} |")
     for name, rows in results["ablation"].items():
         lines += ["", f"Ablation of {name}.py (seed {results['seeds'][0]}):", ""]
         lines += [
