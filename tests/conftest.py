@@ -15,6 +15,12 @@ import common  # noqa: E402
 SMALL = ["--subset", "1200", "--val-size", "200", "--batch-size", "100", "--epochs", "1"]
 
 
+def run_cli(script, argv, capsys):
+    """common.run_main as the command line uses it: (exit code, stderr lines)."""
+    code = common.run_main(script.main, argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
 def settings(**values):
     """The settings a helper reads by name (hp.device, ...), as parse_hparams returns them."""
     return argparse.Namespace(**{"device": "cpu", "precision": "fp32", "seed": 0, **values})

@@ -14,13 +14,7 @@ import ann
 import cnn
 import common
 import plumbing
-from conftest import ROOT, SMALL
-
-
-def run_cli(script, argv, capsys):
-    """common.run_main as the command line uses it: (exit code, stderr lines)."""
-    code = common.run_main(script.main, argv)
-    return code, capsys.readouterr().err.strip().splitlines()
+from conftest import ROOT, SMALL, run_cli
 
 
 @pytest.mark.parametrize(
@@ -121,8 +115,11 @@ def test_divergence_stops_with_status_diverged(real_data_dir, out_dir, capsys):
     assert record["status"] == "diverged" and record["final"] is None
 
 
-@pytest.mark.parametrize("stop, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # Ctrl-C, `kill`
-def test_ctrl_c_or_kill_keeps_completed_epochs(stop, exit_code, real_data_dir, tmp_path):
+@pytest.mark.parametrize(
+    "stop, exit_code",
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],  # Ctrl-C, `kill`, a closed terminal
+)
+def test_ctrl_c_kill_or_hangup_keeps_completed_epochs_and_the_latest_weights(stop, exit_code, real_data_dir, tmp_path):
     out = tmp_path / "runs"
     process = subprocess.Popen(
         [sys.executable, "ann.py", "--subset", "3000", "--val-size", "500", "--epochs", "1000", "--out-dir", str(out)],
@@ -146,6 +143,8 @@ def test_ctrl_c_or_kill_keeps_completed_epochs(stop, exit_code, real_data_dir, t
     record = json.loads(metrics[0].read_text())
     assert record["status"] == "interrupted" and len(record["history"]) >= 2
     assert (metrics[0].parent / "curves.png").stat().st_size > 0
+    assert record["model_pt"].startswith("weights when interrupted")
+    ann.ANN(dropout=0.1).load_state_dict(torch.load(metrics[0].parent / "model.pt", weights_only=True))
 
 
 def test_a_float_setting_keeps_a_float_flag_whatever_its_default_is_written_as():

@@ -7,9 +7,6 @@ import gzip
 import json
 import os
 import pickle
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -22,16 +19,10 @@ import common
 import compare
 import plumbing
 import resnet_transfer as rt
-from conftest import ROOT, SMALL
+from conftest import SMALL, run_cli
 
 TINY_RT = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--subset", "600", "--val-size", "100"]
 TINY_RT += ["--batch-size", "100", "--epochs", "1"]
-
-
-def run_cli(script, argv, capsys):
-    """common.run_main as the command line uses it: (exit code, stderr lines)."""
-    code = common.run_main(script.main, argv)
-    return code, capsys.readouterr().err.strip().splitlines()
 
 
 def one_line(err, *words):
@@ -296,30 +287,6 @@ def test_writers_of_the_same_file_use_their_own_temporary_files(tmp_path, monkey
 # Stopping keeps the work
 
 
-def test_sighup_stops_like_ctrl_c_keeping_the_record_and_the_latest_weights(real_data_dir, tmp_path):
-    out = tmp_path / "runs"
-    process = subprocess.Popen(
-        [sys.executable, "ann.py", "--subset", "3000", "--val-size", "500", "--epochs", "1000", "--out-dir", str(out)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline, record = time.monotonic() + 120, {}
-    while time.monotonic() < deadline and len(record.get("history", [])) < 2:
-        time.sleep(0.2)
-        metrics = list(out.glob("*/metrics.json"))
-        if metrics:
-            record = json.loads(metrics[0].read_text())
-    process.send_signal(signal.SIGHUP)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGHUP and "Traceback" not in stderr
-    record = json.loads(metrics[0].read_text())
-    assert record["status"] == "interrupted" and record["model_pt"].startswith("weights when interrupted")
-    weights = torch.load(metrics[0].parent / "model.pt", weights_only=True)
-    ann.ANN(dropout=0.1).load_state_dict(weights)
-
-
 @pytest.mark.parametrize("where", ["plot_confusion", "plot_misclassified", "save_tensors"])
 def test_ctrl_c_during_the_final_report_ends_as_interrupted(where, real_data_dir, tmp_path, capsys, monkeypatch):
     original, calls = getattr(common, where), []
@@ -392,7 +359,8 @@ def test_compare_skips_malformed_records_and_still_prints_the_table(tmp_path, ca
 
 
 def test_compare_prints_the_table_when_the_figure_cannot_be_saved(tmp_path, capsys, monkeypatch):
-    record = {"script": "ann", "hparams": {}, "history": [{"epoch": 1, "val_acc": 0.5}], "final": None}
+    record = {"script": "ann", "status": "completed", "hparams": {}, "history": [{"epoch": 1, "val_acc": 0.5}]}
+    record["final"] = {"test_acc": 0.5, "val_acc": 0.5, "seconds": 1.0}
     (tmp_path / "ann-1").mkdir()
     (tmp_path / "ann-1" / "metrics.json").write_text(json.dumps(record))
 
