@@ -57,7 +57,7 @@ def main(argv=None):
     with common.Run("ann", hp) as run:
         torch.manual_seed(hp.seed)
         splits = common.load_splits(hp, run)
-        data = common.to_device_normalized(splits, run.device)
+        data = common.to_device_normalized(splits, run)
 
         model = ANN(hp.dropout).to(run.device)
         # fused: one kernel updates every parameter, 3x faster steps than the default on a CPU

@@ -68,7 +68,7 @@ def main(argv=None):
     with common.Run("cnn", hp) as run:
         torch.manual_seed(hp.seed)
         splits = common.load_splits(hp, run)
-        data = common.to_device_normalized(splits, run.device)
+        data = common.to_device_normalized(splits, run)
 
         # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
         model = CNN(hp.fc_width, hp.dropout).to(run.device, memory_format=torch.channels_last)

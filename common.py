@@ -103,11 +103,13 @@ def load_splits(hp, run):
     return split_validation(*arrays, hp.val_size, hp.seed)
 
 
-def to_device_normalized(splits, device):
-    """Float images on the device, normalised once with the training split's mean and std."""
+def to_device_normalized(splits, run):
+    """Float images on the run's device, normalised once with the training split's mean and std (recorded in
+    the run, so that predict.py can prepare new images exactly the same way)."""
     x_train = splits.train[0].float()
     mean, std = x_train.mean(), x_train.std()
-    return Splits(*[(((x.float() - mean) / std).to(device), y.to(device)) for x, y in splits])
+    run.record["normalization"] = {"mean": mean.item(), "std": std.item()}
+    return Splits(*[(((x.float() - mean) / std).to(run.device), y.to(run.device)) for x, y in splits])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class Diverged(Exception):
 # Settings: the UPPER_CASE constants of a script are its command line.
 
 
-def _path(text):
+def expand_path(text):
     """A folder or file argument, with `~` expanded as a shell would."""
     return str(Path(text).expanduser()) if text else text
 
@@ -71,13 +71,13 @@ SETTINGS = {
         "auto, cpu, cuda, cuda:N or mps",
     ),
     "PRECISION": (str, lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
-    "DATA_DIR": (_path, lambda v: True, "a folder"),
-    "OUT_DIR": (_path, lambda v: True, "a folder"),
-    "CACHE_DIR": (_path, lambda v: True, "a folder"),
+    "DATA_DIR": (expand_path, lambda v: True, "a folder"),
+    "OUT_DIR": (expand_path, lambda v: True, "a folder"),
+    "CACHE_DIR": (expand_path, lambda v: True, "a folder"),
     "SHOW": (bool, lambda v: True, "on or off"),
     "BACKBONE": (str, lambda v: v in ("resnet18", "resnet34", "resnet50"), "resnet18, resnet34 or resnet50"),
     "WEIGHTS": (
-        _path,
+        expand_path,
         lambda v: v in ("DEFAULT", "none") or Path(v).is_file(),
         "DEFAULT, none, or the path of an existing state-dict file",
     ),
@@ -86,6 +86,9 @@ SETTINGS = {
     "EXTRACT_BATCH": (int, lambda v: v >= 1, "an integer >= 1"),
     "SCRIPT": (str, lambda v: v in ("", "ann", "cnn", "resnet_transfer"), "ann, cnn, resnet_transfer or empty"),
     "LAST": (int, lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "OUT": (expand_path, lambda v: Path(v).suffix.lower() in (".png", ".pdf", ".svg"), "a .png, .pdf or .svg file"),
+    "RAW": (bool, lambda v: True, "on or off"),
+    "TEST": (bool, lambda v: True, "on or off"),
 }
 
 
@@ -119,15 +122,18 @@ def _constants(namespace, script):
     return constants
 
 
-def parse_hparams(namespace, argv=None):
+def parse_hparams(namespace, argv=None, positionals=()):
     """The script's UPPER_CASE constants as flags (EPOCHS -> --epochs); returns the values by name (hp.epochs).
 
     `namespace` is the script's globals(): the constants are the defaults and their trailing comments the
-    help. Every value is checked against SETTINGS before any work starts.
+    help. `positionals` are (name, argparse keywords) of arguments that come before the flags. Every value
+    is checked against SETTINGS before any work starts.
     """
     script = Path(namespace.get("__file__", "script")).name
     helps = _comments(Path(namespace["__file__"]).read_text()) if "__file__" in namespace else {}
     parser = _OneLineParser(prog=script, description=(namespace.get("__doc__") or "").strip().split("\n")[0])
+    for name, keywords in positionals:
+        parser.add_argument(name, **keywords)
     for name, (kind, default) in _constants(namespace, script).items():
         help_text = helps.get(name, "").replace("%", "%%") + " (default: %(default)s)"
         if kind is bool:

@@ -96,7 +96,7 @@ def our_pipeline(name, n, device, tmp):
     hp = common.parse_hparams(vars(script), ["--subset", str(n), "--val-size", "0", "--out-dir", tmp])
     hp.device = str(device)
     run = common.Run(f"speed-{name}", hp)
-    data = common.to_device_normalized(common.load_splits(hp, run), run.device)
+    data = common.to_device_normalized(common.load_splits(hp, run), run)
     model = MODELS[name]().to(run.device, memory_format=torch.channels_last if name == "cnn" else torch.preserve_format)
     if name == "cnn":  # the scripts' optimizers, at a small fixed learning rate
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, fused=True)

@@ -59,7 +59,7 @@ def test_model_pt_reproduces_the_saved_test_accuracy(ann_run):
     model = ann.ANN(hp.dropout)
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     run = common.Run("check", settings(out_dir=str(run_dir.parent / "check")))
-    data = common.to_device_normalized(common.load_splits(hp, run), run.device)
+    data = common.to_device_normalized(common.load_splits(hp, run), run)
     _, test_acc = common.evaluate(model, *data.test, run, tta_flip=hp.tta_flip)
     assert test_acc == pytest.approx(record["final"]["test_acc"])
 
