@@ -34,6 +34,7 @@ DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 DATA_DIR = ""  # folder with the Fashion-MNIST files, for --test ("" = as the training scripts search)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+FIGURE_IMAGES = 16  # the figure shows the first ones: more rows than this are too small to read
 MODELS = {
     "ann": lambda hp: ann.ANN(hp.dropout),
     "cnn": lambda hp: cnn.CNN(hp.fc_width, hp.dropout),
@@ -195,8 +196,9 @@ def main(argv=None):
         top = p.argsort(descending=True)[:3].tolist()
         print(f"{path}: " + ", ".join(f"{common.CLASSES[k]} {100 * p[k]:.0f}%" for k in top))
     if good:
-        plot_predictions(good, images, probabilities, Path(hp.out))
-        print(f"figure: {hp.out}")
+        shown = min(len(good), FIGURE_IMAGES)
+        plot_predictions(good[:shown], images[:shown], probabilities[:shown], Path(hp.out))
+        print(f"figure: {hp.out}" + (f" (the first {shown} of {len(good)} images)" if shown < len(good) else ""))
     if len(good) < len(paths):
         raise common.UserError(f"{len(paths) - len(good)} of {len(paths)} images could not be used (named above)")
     return probabilities

@@ -4,6 +4,7 @@ They check the shape of the outputs, never a speed or an accuracy: those are mea
 """
 
 import json
+import re
 import subprocess
 import sys
 
@@ -23,8 +24,12 @@ def run_benchmark(name, tmp_path, *args):
 
 
 def test_accuracy_benchmark_quick(real_data_dir, tmp_path):
-    results, table = run_benchmark("accuracy", tmp_path, "--seeds", "1", "2", "--scripts", "ann", "--ablation")
-    assert results["quick"] and results["machine"]["torch"]
+    argv = ["--seeds", "1", "2", "--scripts", "ann", "--ablation", "--runs", str(tmp_path / "runs")]
+    results, table = run_benchmark("accuracy", tmp_path, *argv, "--label-smoothing", "0.05")
+    assert results["quick"] and results["machine"]["torch"] and results["flags"] == "--label-smoothing 0.05"
+    records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("ann-*/metrics.json")]
+    assert len(records) == 2 + len(results["ablation"]["ann"]) - 1  # the seeds, then one run per ablation row
+    assert {r["hparams"]["LABEL_SMOOTHING"] for r in records} == {0.05, 0.0}  # passed on; the ablation's own 0
     ann = results["scripts"]["ann"]
     assert [r["seed"] for r in ann["runs"]] == [1, 2]
     assert 0 < ann["test_acc_mean"] <= 1 and ann["test_acc_std"] >= 0 and ann["seconds_mean"] > 0
@@ -46,3 +51,17 @@ def test_speed_benchmark_quick(real_data_dir, tmp_path):
     assert results["transfer"]["ratio"] > 0 and results["transfer"]["cached_epoch_seconds"] > 0
     assert 0 < results["profile"]["fraction_of_matmul"] and results["profile"]["top_ops"]
     assert "| ann |" in table and "Transfer (resnet18" in table and "CNN profile" in table
+
+
+def test_cnn_step_benchmark_smoke():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/cnn_step.py", "--steps", "1", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert "matmul" in lines[0] and len(lines) == 6
+    assert all(re.search(r"[\d,]+ img/s, \d+ GFLOP/s, \d+% of the matmul$", line) for line in lines[1:])
