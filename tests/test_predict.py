@@ -67,9 +67,10 @@ def predicted_classes(output):
 
 
 def test_photos_get_the_class_the_original_images_get(runs, test_images, tmp_path, capsys):
-    raw = predict.main([str(runs["cnn"]), str(save_raw(test_images, tmp_path / "raw")), "--raw"])
+    out = ["--out", str(tmp_path / "predictions.png")]
+    raw = predict.main([str(runs["cnn"]), str(save_raw(test_images, tmp_path / "raw")), "--raw", *out])
     from_raw = predicted_classes(capsys.readouterr().out)
-    photos = predict.main([str(runs["cnn"]), str(save_photos(test_images, tmp_path / "photos"))])
+    photos = predict.main([str(runs["cnn"]), str(save_photos(test_images, tmp_path / "photos")), *out])
     from_photos = predicted_classes(capsys.readouterr().out)
     assert len(from_raw) == len(from_photos) == 200 and raw.shape == photos.shape == (200, 10)
     agreement = sum(a == b for a, b in zip(from_raw, from_photos, strict=True)) / 200
