@@ -286,6 +286,7 @@ class Run:
         self.precision = resolve_precision(getattr(hp, "precision", "fp32"), self.device)
         self.dir = self._make_dir(Path(hp.out_dir or HERE / "runs"))
         self.kept_model = None
+        self.reported = False  # True once the finished run's record, plots and summary are all written
         self.record = {
             "script": script,
             "status": "running",
@@ -323,7 +324,7 @@ class Run:
     def __exit__(self, exc_type, exc, tb):
         """A stopped run keeps its record, plots and latest weights; one that failed before its first epoch
         leaves no folder behind, and one that failed later says why in its record."""
-        if exc_type is None:
+        if exc_type is None or self.reported:  # e.g. Ctrl-C while --show's windows are open: the run is complete
             return False
         with signals_ignored():
             if issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C, SIGTERM or SIGHUP
@@ -429,6 +430,7 @@ class Run:
             print(
                 f"{self.script}: {status} after {done} epoch(s); record in {self.dir / 'metrics.json'}", file=sys.stderr
             )
+        self.reported = True
         if status == "completed" and getattr(self.hp, "show", False):
             show_plots(sorted(self.dir.glob("*.png")))
 

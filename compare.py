@@ -60,7 +60,11 @@ def problem(record):
         if not is_number(h.get("epoch")) or not (h.get("val_acc") is None or is_number(h["val_acc"])):
             return "an epoch without a number for epoch or val_acc"
     final = record.get("final")
-    if final is not None and not (isinstance(final, dict) and all(v is None or is_number(v) for v in final.values())):
+    if final is not None and not (
+        isinstance(final, dict)
+        and is_number(final.get("test_acc"))
+        and all(v is None or is_number(v) for v in final.values())
+    ):
         return "its final results are not numbers"
     if not isinstance(record.get("started", ""), str) or not isinstance(record.get("script", ""), str):
         return "its start time or script name is not text"

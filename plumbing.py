@@ -88,6 +88,7 @@ SETTINGS = {
     "LAST": (int, lambda v: v >= 0, "an integer >= 0 (0 = all)"),
     "OUT": (expand_path, lambda v: Path(v).suffix.lower() in (".png", ".pdf", ".svg"), "a .png, .pdf or .svg file"),
     "RAW": (bool, lambda v: True, "on or off"),
+    "FIGURE_IMAGES": (int, lambda v: v >= 1, "an integer >= 1"),
     "TEST": (bool, lambda v: True, "on or off"),
 }
 
@@ -363,9 +364,11 @@ def atomic_write(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except BaseException as error:  # Ctrl-C included: a half-written temporary file is never left behind
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
         raise UserError(f"cannot write {path}: {error.strerror}; free some space or choose another folder") from None
 
 

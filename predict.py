@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 import ann
 import cnn
@@ -28,13 +28,13 @@ from plumbing import expand_path
 
 # --- Settings: each one is also a flag (OUT -> --out).
 OUT = "predictions.png"  # the figure: each input as the model saw it, beside its ten class probabilities
+FIGURE_IMAGES = 16  # the figure shows the first N images: more rows than about 16 are too small to read
 RAW = False  # the images are already 28x28 Fashion-MNIST style (light item on black): use them as they are
 TEST = False  # instead of images, evaluate the model on the official test set and print its accuracy
 DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 DATA_DIR = ""  # folder with the Fashion-MNIST files, for --test ("" = as the training scripts search)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-FIGURE_IMAGES = 16  # the figure shows the first ones: more rows than this are too small to read
 MODELS = {
     "ann": lambda hp: ann.ANN(hp.dropout),
     "cnn": lambda hp: cnn.CNN(hp.fc_width, hp.dropout),
@@ -81,6 +81,7 @@ def load_images(paths, raw):
         try:
             with Image.open(path) as image:
                 image.load()
+                image = ImageOps.exif_transpose(image)  # phone photos: upright as their camera meant them
                 if raw and image.size != (28, 28):
                     raise ValueError(f"is {image.size[0]}x{image.size[1]}, but --raw needs 28x28")
                 array = np.asarray(image.convert("L")) if raw else prepare_photo(image)
@@ -88,6 +89,11 @@ def load_images(paths, raw):
             print(f"{path}: no such file", file=sys.stderr)
         except UnidentifiedImageError:
             print(f"{path}: not an image Pillow can read (PNG, JPEG, BMP, WebP, ...)", file=sys.stderr)
+        except Image.DecompressionBombError:
+            print(
+                f"{path}: too many pixels to be a photo worth opening (Pillow's decompression-bomb limit)",
+                file=sys.stderr,
+            )
         except (OSError, ValueError) as error:  # a truncated file is an OSError
             print(f"{path}: cannot be used ({error})", file=sys.stderr)
         else:
@@ -114,8 +120,13 @@ def load_run(run_dir):
         )
     if record.get("status") != "completed":
         raise common.UserError(f"{run_dir}: the run's status is {record.get('status')!r}, not 'completed'")
-    if record["script"] != "resnet_transfer" and "normalization" not in record:
-        raise common.UserError(f"{run_dir}: made before runs recorded their normalisation; train it again")
+    final, norm = record.get("final"), record.get("normalization")
+    if not isinstance(final, dict) or not isinstance(final.get("test_acc"), (int, float)):
+        raise common.UserError(f"{run_dir}/metrics.json has no final test accuracy: the record is damaged")
+    if record["script"] != "resnet_transfer" and not (
+        isinstance(norm, dict) and all(isinstance(norm.get(k), (int, float)) for k in ("mean", "std"))
+    ):
+        raise common.UserError(f"{run_dir}: made before runs recorded their normalisation (or damaged); train it again")
     return record, argparse.Namespace(**{name.lower(): value for name, value in record["hparams"].items()})
 
 
@@ -132,12 +143,13 @@ class Session:
 def build_model(run_dir, record, hp, session):
     """A function from uint8 images (N, 1, 28, 28) to logits: the run's model with its weights, and the
     preparation its inputs had (normalisation, or the frozen backbone of a transfer run)."""
-    model = MODELS[record["script"]](hp)
     state = common.load_weights_file(run_dir / "model.pt", f"{run_dir}: model.pt")
-    common.check_state_dict(state, model, f"{run_dir}/model.pt", f"{record['script']} model with these settings")
-    model.load_state_dict(state)
-    model = model.to(session.device, memory_format=torch.channels_last).eval()
+    try:
+        model = MODELS[record["script"]](hp)
+    except (AttributeError, KeyError, TypeError) as error:
+        raise common.UserError(f"{run_dir}/metrics.json: its settings are incomplete or damaged ({error})") from None
     if record["script"] != "resnet_transfer":
+        model = with_weights(model, state, run_dir, record["script"], session)
         mean, std = record["normalization"]["mean"], record["normalization"]["std"]
         tta = (hp.tta_flip, getattr(hp, "tta_shift", 0))
         return lambda x: common.predict(model, (x.float() - mean) / std, session, *tta)
@@ -145,11 +157,24 @@ def build_model(run_dir, record, hp, session):
     backbone, weights_id, image_mean, image_std = resnet_transfer.load_backbone(hp.backbone, hp.weights, hp.seed)
     if weights_id != record.get("weights"):
         raise common.UserError(f"{run_dir}: the backbone weights now at {hp.weights} are not the ones the run used")
+    preprocess = resnet_transfer.Preprocess(hp.image_size, image_mean, image_std)
+    if hp.finetune:  # model.pt holds the whole fine-tuned model: backbone (with its trained layer4) and head
+        finetuned = resnet_transfer.FineTuned(preprocess, backbone, model)
+        finetuned = with_weights(finetuned, state, run_dir, "resnet_transfer.py --finetune", session)
+        return lambda x: common.predict(finetuned, x, session)
+    head = with_weights(model, state, run_dir, "resnet_transfer.py head", session)
     backbone = backbone.to(session.device, memory_format=torch.channels_last)
-    preprocess = resnet_transfer.Preprocess(hp.image_size, image_mean, image_std).to(session.device)
+    preprocess = preprocess.to(session.device)
     return lambda x: common.predict(
-        model, resnet_transfer.extract_features(preprocess, backbone, x, session, 256), session
+        head, resnet_transfer.extract_features(preprocess, backbone, x, session, 256), session
     )
+
+
+def with_weights(model, state, run_dir, name, session):
+    """The model with the run's weights, on the device and in eval mode; other weights are refused in one line."""
+    common.check_state_dict(state, model, f"{run_dir}/model.pt", name)
+    model.load_state_dict(state)
+    return model.to(session.device, memory_format=torch.channels_last).eval()
 
 
 def plot_predictions(paths, images, probabilities, path):
@@ -190,14 +215,19 @@ def main(argv=None):
     if not hp.images:
         raise common.UserError("no images given: python predict.py RUN_DIR IMAGE... (files or folders), or --test")
     paths = image_paths(hp.images)
+    if not paths:
+        raise common.UserError(f"no PNG, JPEG, BMP or WebP files in {' '.join(hp.images)}")
     good, images = load_images(paths, hp.raw)
     probabilities = model(images.to(session.device)).softmax(1).cpu() if good else None
     for path, p in zip(good, probabilities if good else [], strict=True):
         top = p.argsort(descending=True)[:3].tolist()
         print(f"{path}: " + ", ".join(f"{common.CLASSES[k]} {100 * p[k]:.0f}%" for k in top))
     if good:
-        shown = min(len(good), FIGURE_IMAGES)
-        plot_predictions(good[:shown], images[:shown], probabilities[:shown], Path(hp.out))
+        shown = min(len(good), hp.figure_images)
+        try:
+            plot_predictions(good[:shown], images[:shown], probabilities[:shown], Path(hp.out))
+        except OSError as error:
+            raise common.UserError(f"--out {hp.out}: cannot write the figure ({error.strerror})") from None
         print(f"figure: {hp.out}" + (f" (the first {shown} of {len(good)} images)" if shown < len(good) else ""))
     if len(good) < len(paths):
         raise common.UserError(f"{len(paths) - len(good)} of {len(paths)} images could not be used (named above)")

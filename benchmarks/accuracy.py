@@ -8,7 +8,7 @@ and an ablation table that turns one technique off at a time (validation accurac
     python benchmarks/accuracy.py --runs runs          # keep the run folders where compare.py looks
     python benchmarks/accuracy.py --quick              # tiny smoke run, for the test suite
 
-Writes accuracy.json and accuracy.md into runs/benchmark-results/ (or --results DIR; the tracked tables in
+Writes accuracy.json and accuracy.md into benchmarks/latest/ (or --results DIR; the tracked tables in
 benchmarks/results/ change only with --results benchmarks/results).
 """
 
@@ -88,7 +88,7 @@ def main():
     parser.add_argument("--ablation", action="store_true", help="also run each technique switched off (first seed)")
     parser.add_argument("--quick", action="store_true", help="tiny runs: checks the pipeline, measures nothing")
     parser.add_argument("--epochs-grid", nargs="+", type=int, default=[], help="epoch counts to time (all seeds)")
-    parser.add_argument("--results", type=Path, default=ROOT / "runs" / "benchmark-results", help="tables go here")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
     args, passed_on = parser.parse_known_args()
     extra = (QUICK if args.quick else []) + passed_on

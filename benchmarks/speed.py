@@ -13,7 +13,7 @@
     python benchmarks/speed.py            # everything (--budget 240: 9 minutes on a 2-core Zen 5, 11 on a Zen 3)
     python benchmarks/speed.py --quick    # tiny smoke run for the test suite; its numbers mean nothing
 
-Writes speed.json and speed.md into runs/benchmark-results/ (or --results DIR; the tracked tables in
+Writes speed.json and speed.md into benchmarks/latest/ (or --results DIR; the tracked tables in
 benchmarks/results/ change only with --results benchmarks/results).
 """
 
@@ -303,7 +303,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=300, help="seconds the reference may train per target")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--results", type=Path, default=ROOT / "runs" / "benchmark-results", help="tables go here")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     args = parser.parse_args()
     device = common.resolve_device(args.device)
     results = {"machine": machine(), "quick": args.quick, "throughput": {}, "time_to_accuracy": {}}

@@ -26,7 +26,8 @@ def runs(real_data_dir, tmp_path_factory):
     cnn.main(TRAIN + ["--out-dir", str(out / "cnn")])
     tiny = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--subset", "600", "--val-size", "100"]
     rt.main(tiny + ["--epochs", "2", "--out-dir", str(out / "rt"), "--cache-dir", str(out / "cache")])
-    return {name: next((out / name).iterdir()) for name in ("ann", "cnn", "rt")}
+    rt.main(tiny + ["--epochs", "1", "--finetune", "--out-dir", str(out / "finetune")])
+    return {name: next((out / name).iterdir()) for name in ("ann", "cnn", "rt", "finetune")}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_images(real_data_dir):
     return x_test[:200]
 
 
-@pytest.mark.parametrize("name", ["ann", "cnn", "rt"])
+@pytest.mark.parametrize("name", ["ann", "cnn", "rt", "finetune"])
 def test_test_flag_reproduces_the_recorded_accuracy(name, runs, capsys):
     accuracy = predict.main([str(runs[name]), "--test"])
     recorded = json.loads((runs[name] / "metrics.json").read_text())["final"]["test_acc"]
@@ -140,6 +141,9 @@ def set_record(**changes):
     [
         (lambda f: (f / "metrics.json").unlink(), "no metrics.json"),
         (lambda f: (f / "metrics.json").write_text('{"script": "cnn", "hist'), "metrics.json is unreadable"),
+        (set_record(hparams={"SEED": 0}), "settings are incomplete or damaged"),
+        (set_record(final=None), "no final test accuracy"),
+        (set_record(normalization=None), "normalisation"),
         (set_record(status="interrupted"), "status is 'interrupted'"),
         (set_record(script="mlp"), "not the record of a run"),
         (lambda f: (f / "model.pt").unlink(), "model.pt: cannot read it"),
@@ -156,3 +160,25 @@ def test_a_run_folder_that_is_not_a_completed_run_is_one_line(change, words, run
     folder = broken(runs["cnn"], tmp_path, change)
     code, err = run_cli(predict, [str(folder), "--test"], capsys)
     assert code == 2 and len(err) == 1 and words in err[0] and "Traceback" not in err[0]
+
+
+def test_unusable_outputs_and_inputs_are_one_line(runs, test_images, tmp_path, capsys, monkeypatch):
+    folder = save_raw(test_images[:2], tmp_path / "images")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([str(folder), "--out", str(tmp_path / "no" / "such" / "folder.png")], "cannot write the figure"),
+        ([str(tmp_path / "empty")], "no PNG, JPEG, BMP or WebP files"),
+        ([str(folder), "--figure-images", "0"], "--figure-images"),
+    ]
+    for argv, words in cases:
+        code, err = run_cli(predict, [str(runs["cnn"]), *argv], capsys)
+        assert code == 2 and len(err) == 1 and words in err[0] and "Traceback" not in err[0], err
+
+
+def test_an_image_with_too_many_pixels_is_named_not_opened(runs, tmp_path, capsys, monkeypatch):
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4,096 pixels: over twice the limit, as a bomb would be
+    code, err = run_cli(
+        predict, [str(runs["cnn"]), str(tmp_path / "huge.png"), "--out", str(tmp_path / "p.png")], capsys
+    )
+    assert code == 2 and "huge.png: too many pixels" in err[0] and "Traceback" not in "".join(err)

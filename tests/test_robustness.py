@@ -348,13 +348,14 @@ def test_compare_skips_malformed_records_and_still_prints_the_table(tmp_path, ca
         "ann-val-text": {**good, "history": [{"epoch": 1, "val_acc": "90%"}]},
         "ann-final-text": {**good, "final": {"test_acc": "0.9"}},
         "ann-started-number": {**good, "started": 20260101},
+        "ann-no-test-acc": {**good, "final": {"val_acc": 0.9}},
     }
     for name, record in records.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(record))
     code, err = run_cli(compare, ["--out-dir", str(tmp_path)], capsys)
     assert code == 0
-    assert len(err) == 5 and all(line.startswith("warning: skipping ann-") for line in err)
+    assert len(err) == 6 and all(line.startswith("warning: skipping ann-") for line in err)
     assert (tmp_path / "compare.png").exists()
 
 
@@ -372,3 +373,25 @@ def test_compare_prints_the_table_when_the_figure_cannot_be_saved(tmp_path, caps
     out, err = capsys.readouterr()
     assert code == 0 and out.splitlines()[1].split()[:3] == ["A", "ann", "1"]
     one_line(err.strip().splitlines(), "compare.png not saved", "Permission denied")
+
+
+def test_ctrl_c_while_the_plots_are_shown_keeps_the_run_completed(real_data_dir, tmp_path, capsys, monkeypatch):
+    def ctrl_c(paths):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "show_plots", ctrl_c)
+    code, err = run_cli(ann, SMALL + ["--show", "--out-dir", str(tmp_path)], capsys)
+    assert code == 130 and "Traceback" not in "\n".join(err)
+    (metrics,) = tmp_path.glob("*/metrics.json")
+    record = json.loads(metrics.read_text())
+    assert record["status"] == "completed" and record["model_pt"] == "final weights, as evaluated"
+
+
+def test_a_write_cut_short_by_ctrl_c_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def ctrl_c(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plumbing.os, "fsync", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        plumbing.atomic_write(tmp_path / "features.pt", b"x" * 1000)
+    assert list(tmp_path.iterdir()) == []
