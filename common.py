@@ -29,7 +29,6 @@ from plumbing import (  # noqa: F401  (re-exported for the scripts)
     UserError,
     atomic_write,
     check_state_dict,
-    cpu_model,
     device_name,
     find_fashion_mnist,
     find_file,
@@ -264,6 +263,11 @@ def evaluate(model, x, y, run, tta_flip=False, tta_shift=0):
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
+def autocast(device, precision):
+    """bf16 autocast on the device when the precision is bf16; a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def confusion_matrix(predicted, labels):
     """10x10 counts on the CPU: rows are the true classes, columns the predicted ones."""
     confusion = torch.zeros(10, 10, dtype=torch.long, device=labels.device)
@@ -345,7 +349,7 @@ class Run:
         return False
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return autocast(self.device, self.precision)
 
     def start_training(self, model, kept_model=None):
         """Record the trainable parameters, print the epoch table's header and start the epoch clock.

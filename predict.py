@@ -137,7 +137,7 @@ class Session:
         self.device, self.precision = device, precision
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return common.autocast(self.device, self.precision)
 
 
 def build_model(run_dir, record, hp, session):
