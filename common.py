@@ -1,8 +1,9 @@
 """The toolbox that ann.py, cnn.py and resnet_transfer.py share, in the order a run uses it.
 
-Data, augmentation, the learning-rate schedule and the weight average, batches, one epoch of training,
-evaluation, the run's record and report, plots. Each helper does one thing; models, optimizers and recipes
-are decisions, so they live in the scripts. The robustness plumbing (checked settings, verified files,
+Data, augmentation, the learning-rate schedule and the weight average, batches and the running tally of an
+epoch, evaluation, the run's record and report, plots. Each helper does one thing; models, optimizers,
+recipes, the training step and the test evaluation are what a reader came to see, so they live in the
+scripts. The robustness plumbing (checked settings, verified files,
 atomic writes, clean stops) is in plumbing.py, and the names the scripts need from it are here too, so
 `import common` is all a script imports.
 """
@@ -30,6 +31,7 @@ from plumbing import (  # noqa: F401  (re-exported for the scripts)
     atomic_write,
     check_state_dict,
     device_name,
+    expand_path,
     find_fashion_mnist,
     find_file,
     load_cached_tensors,
@@ -59,14 +61,12 @@ class Splits(NamedTuple):
     test: tuple
 
 
-def load_fashion_mnist(data_dir=None, run=None):
+def load_fashion_mnist(data_dir=None):
     """(x_train, y_train, x_test, y_test): uint8 images (N, 1, 28, 28) and int64 labels, verified.
 
-    The folder they came from is printed and, given the run, recorded in its metrics.json."""
+    `data_dir` as `find_fashion_mnist` takes it; the folder the files came from is printed."""
     folder = find_fashion_mnist(data_dir)
     print(f"  data: {folder}", flush=True)
-    if run is not None:
-        run.record["data_dir"] = str(folder)
     x_train, y_train, x_test, y_test = (read_idx(find_file(folder, name), name) for name in FILES)
     return x_train.unsqueeze(1), y_train.long(), x_test.unsqueeze(1), y_test.long()
 
@@ -96,19 +96,20 @@ def split_validation(x_train, y_train, x_test, y_test, val_size, seed):
     return Splits((x_train[train_idx], y_train[train_idx]), (x_train[val_idx], y_train[val_idx]), (x_test, y_test))
 
 
-def load_splits(hp, run):
-    """uint8 train/val/test splits of Fashion-MNIST, honouring hp.data_dir, hp.subset, hp.val_size and hp.seed."""
-    arrays = take_subset(hp.subset, *load_fashion_mnist(hp.data_dir, run))
-    return split_validation(*arrays, hp.val_size, hp.seed)
+def load_splits(data_dir, subset, val_size, seed):
+    """uint8 train/val/test splits of Fashion-MNIST from data_dir (a folder `find_fashion_mnist` found):
+    the first `subset` images of each set (0 = all), `val_size` of the training images held out."""
+    arrays = take_subset(subset, *load_fashion_mnist(data_dir))
+    return split_validation(*arrays, val_size, seed)
 
 
-def to_device_normalized(splits, run):
-    """Float images on the run's device, normalised once with the training split's mean and std (recorded in
-    the run, so that predict.py can prepare new images exactly the same way)."""
+def to_device_normalized(splits, device):
+    """(splits as float images on the device, {"mean", "std"}): normalised once with the training split's mean
+    and std, which a run records so that predict.py can prepare new images exactly the same way."""
     x_train = splits.train[0].float()
     mean, std = x_train.mean(), x_train.std()
-    run.record["normalization"] = {"mean": mean.item(), "std": std.item()}
-    return Splits(*[(((x.float() - mean) / std).to(run.device), y.to(run.device)) for x, y in splits])
+    data = Splits(*[(((x.float() - mean) / std).to(device), y.to(device)) for x, y in splits])
+    return data, {"mean": mean.item(), "std": std.item()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def ema_model(model, decay):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Batches and the running tally of an epoch
 
 
 def steps_per_epoch(n, batch_size):
@@ -191,36 +192,30 @@ def shuffled_batches(x, y, batch_size, generator, augment=None):
         yield (augment(images) if augment else images), y.index_select(0, idx)
 
 
-def train_one_epoch(model, batches, optimizer, loss_fn, run, scheduler=None, ema=None):
-    """One optimizer step per batch (the scheduler steps and the EMA updates with it).
+class Tally:
+    """An epoch's running training loss and accuracy, summed on the device (reading them at every step would
+    make the CPU wait for the device each time); every 20 steps it checks that the loss is still finite.
 
-    Returns the mean loss and the accuracy on the training batches as they were trained: augmented,
-    in train mode (dropout on) and with the weights of each moment, so not comparable to an evaluation.
-    """
-    model.train()
-    loss_sum = torch.zeros((), device=run.device)
-    correct = torch.zeros((), device=run.device, dtype=torch.long)
-    seen = 0
-    for step, (xb, yb) in enumerate(batches):
-        with run.autocast():
-            logits = model(xb)
-            loss = loss_fn(logits.float(), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        loss_sum += loss.detach() * len(yb)
-        correct += (logits.argmax(1) == yb).sum()
-        seen += len(yb)
-        if step % 20 == 0 and not torch.isfinite(loss_sum):  # a host sync, so only every 20 steps
-            break
-    train_loss = loss_sum.item() / seen
-    if not math.isfinite(train_loss):
-        raise Diverged(f"epoch {len(run.record['history']) + 1}")
-    return train_loss, correct.item() / seen
+    They are measured on the batches as they were trained: augmented, in train mode (dropout on) and with the
+    weights of each moment, so they are not comparable to an evaluation."""
+
+    def __init__(self):
+        self.loss_sum, self.correct, self.seen, self.steps = 0, 0, 0, 0
+
+    def add(self, loss, logits, labels):
+        self.loss_sum += loss.detach() * len(labels)
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += len(labels)
+        self.steps += 1
+        if self.steps % 20 == 1 and not torch.isfinite(self.loss_sum):  # a host sync, so only every 20 steps
+            raise Diverged(f"at step {self.steps} of the epoch")
+
+    def result(self):
+        """(mean loss, accuracy) over the batches added."""
+        train_loss = self.loss_sum.item() / self.seen
+        if not math.isfinite(train_loss):
+            raise Diverged("by the end of the epoch")
+        return train_loss, self.correct.item() / self.seen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,29 +237,34 @@ def tta_views(x, flip=False, max_shift=0, background=None):
 
 
 @torch.inference_mode()
-def predict(model, x, run, tta_flip=False, tta_shift=0):
+def predict(model, x, amp, tta_flip=False, tta_shift=0):
     """Logits for all of x, in large chunks; with tta_flip or tta_shift, averaged over `tta_views`."""
     model.eval()
     background = float(x.min()) if len(x) else 0.0  # one value for all chunks: the black pixel
     chunks = []
     for xb in x.split(2048):
         views = tta_views(xb, tta_flip, tta_shift, background)
-        with run.autocast():
+        with amp:
             logits = sum(model(view.contiguous()).float() for view in views) / len(views)
         chunks.append(logits)
     return torch.cat(chunks)
 
 
-def evaluate(model, x, y, run, tta_flip=False, tta_shift=0):
+def evaluate(model, x, y, amp, tta_flip=False, tta_shift=0):
     """(cross-entropy loss, accuracy) of the model on x, y; (None, None) when x is empty."""
     if not len(x):
         return None, None
-    logits = predict(model, x, run, tta_flip, tta_shift)
-    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+    return scores(predict(model, x, amp, tta_flip, tta_shift), y)
+
+
+def scores(logits, labels):
+    """(cross-entropy loss, accuracy) of the logits against the labels."""
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
 def autocast(device, precision):
-    """bf16 autocast on the device when the precision is bf16; a no-op context for fp32."""
+    """The context that the forward passes run in: bf16 autocast on the device when the precision is bf16,
+    a no-op for fp32. One object serves every `with` in turn."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -348,9 +348,6 @@ class Run:
                 self.finish("failed")
         return False
 
-    def autocast(self):
-        return autocast(self.device, self.precision)
-
     def start_training(self, model, kept_model=None):
         """Record the trainable parameters, print the epoch table's header and start the epoch clock.
 
@@ -384,21 +381,16 @@ class Run:
             print(f"      (about {minutes:.1f} min for all {epochs} epochs at this pace)")
         self.epoch_started = time.perf_counter()
 
-    def report(self, model, data, test_images, tta_flip=False, tta_shift=0):
-        """The end of the run: the final evaluation, the only one on the test set, with test-time augmentation;
-        per-class accuracy and the confusion matrix; model.pt; the plots and the summary line. Returns `final`."""
-        (x_train, y_train), (x_val, y_val), (x_test, y_test) = data
-        _, train_acc = evaluate(model, x_train, y_train, self, tta_flip)
-        val_acc = self.record["history"][-1]["val_acc"]  # already with tta_flip; the shifted views change it
-        if tta_shift and len(x_val):
-            _, val_acc = evaluate(model, x_val, y_val, self, tta_flip, tta_shift)
-        test_logits = predict(model, x_test, self, tta_flip, tta_shift)
-        confusion = confusion_matrix(test_logits.argmax(1), y_test)
+    def report(self, model, train_acc, val_acc, test_logits, test_labels, test_images):
+        """The end of the run: records the final accuracies and the test evaluation the script made (per-class
+        accuracy, the confusion matrix), saves model.pt, draws the plots and prints the summary line."""
+        confusion = confusion_matrix(test_logits.argmax(1), test_labels)
+        test_loss, test_acc = scores(test_logits, test_labels)
         self.record["final"] = {
             "train_acc": train_acc,
             "val_acc": val_acc,
-            "test_acc": (test_logits.argmax(1) == y_test).float().mean().item(),
-            "test_loss": F.cross_entropy(test_logits, y_test).item(),
+            "test_acc": test_acc,
+            "test_loss": test_loss,
             "seconds": time.perf_counter() - self.started,
         }
         per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
@@ -407,7 +399,7 @@ class Run:
         save_tensors(self.dir / "model.pt", getattr(model, "module", model).state_dict())
         self.record["model_pt"] = "final weights, as evaluated"
         plot_confusion(confusion, self.dir / "confusion.png", title=f"{self.script}: test confusion, rows = true class")
-        plot_misclassified(test_images.cpu(), y_test.cpu(), test_logits.cpu(), self.dir / "misclassified.png")
+        plot_misclassified(test_images.cpu(), test_labels.cpu(), test_logits.cpu(), self.dir / "misclassified.png")
         self.finish("completed")
         return self.record["final"]
 

@@ -24,7 +24,6 @@ import ann
 import cnn
 import common
 import resnet_transfer
-from plumbing import expand_path
 
 # --- Settings: each one is also a flag (OUT -> --out).
 OUT = "predictions.png"  # the figure: each input as the model saw it, beside its ten class probabilities
@@ -130,29 +129,21 @@ def load_run(run_dir):
     return record, argparse.Namespace(**{name.lower(): value for name, value in record["hparams"].items()})
 
 
-class Session:
-    """What common.predict needs of a run: the device and the precision it computes in."""
-
-    def __init__(self, device, precision):
-        self.device, self.precision = device, precision
-
-    def autocast(self):
-        return common.autocast(self.device, self.precision)
-
-
-def build_model(run_dir, record, hp, session):
+def build_model(run_dir, record, hp, device):
     """A function from uint8 images (N, 1, 28, 28) to logits: the run's model with its weights, and the
-    preparation its inputs had (normalisation, or the frozen backbone of a transfer run)."""
+    preparation its inputs had (normalisation, or the frozen backbone of a transfer run), computed in the
+    precision the run trained in."""
+    amp = common.autocast(device, record.get("precision", "fp32"))
     state = common.load_weights_file(run_dir / "model.pt", f"{run_dir}: model.pt")
     try:
         model = MODELS[record["script"]](hp)
     except (AttributeError, KeyError, TypeError) as error:
         raise common.UserError(f"{run_dir}/metrics.json: its settings are incomplete or damaged ({error})") from None
     if record["script"] != "resnet_transfer":
-        model = with_weights(model, state, run_dir, record["script"], session)
+        model = with_weights(model, state, run_dir, record["script"], device)
         mean, std = record["normalization"]["mean"], record["normalization"]["std"]
         tta = (hp.tta_flip, getattr(hp, "tta_shift", 0))
-        return lambda x: common.predict(model, (x.float() - mean) / std, session, *tta)
+        return lambda x: common.predict(model, (x.float() - mean) / std, amp, *tta)
     torch.manual_seed(hp.seed)  # a random backbone (--weights none) is rebuilt from the run's seed
     backbone, weights_id, image_mean, image_std = resnet_transfer.load_backbone(hp.backbone, hp.weights, hp.seed)
     if weights_id != record.get("weights"):
@@ -160,21 +151,20 @@ def build_model(run_dir, record, hp, session):
     preprocess = resnet_transfer.Preprocess(hp.image_size, image_mean, image_std)
     if hp.finetune:  # model.pt holds the whole fine-tuned model: backbone (with its trained layer4) and head
         finetuned = resnet_transfer.FineTuned(preprocess, backbone, model)
-        finetuned = with_weights(finetuned, state, run_dir, "resnet_transfer.py --finetune", session)
-        return lambda x: common.predict(finetuned, x, session)
-    head = with_weights(model, state, run_dir, "resnet_transfer.py head", session)
-    backbone = backbone.to(session.device, memory_format=torch.channels_last)
-    preprocess = preprocess.to(session.device)
-    return lambda x: common.predict(
-        head, resnet_transfer.extract_features(preprocess, backbone, x, session, 256), session
-    )
+        finetuned = with_weights(finetuned, state, run_dir, "resnet_transfer.py --finetune", device)
+        return lambda x: common.predict(finetuned, x, amp)
+    head = with_weights(model, state, run_dir, "resnet_transfer.py head", device)
+    backbone = backbone.to(device, memory_format=torch.channels_last)
+    preprocess = preprocess.to(device)
+    extract = resnet_transfer.extract_features
+    return lambda x: common.predict(head, extract(preprocess, backbone, x, device, amp, 256), amp)
 
 
-def with_weights(model, state, run_dir, name, session):
+def with_weights(model, state, run_dir, name, device):
     """The model with the run's weights, on the device and in eval mode; other weights are refused in one line."""
     common.check_state_dict(state, model, f"{run_dir}/model.pt", name)
     model.load_state_dict(state)
-    return model.to(session.device, memory_format=torch.channels_last).eval()
+    return model.to(device, memory_format=torch.channels_last).eval()
 
 
 def plot_predictions(paths, images, probabilities, path):
@@ -199,16 +189,16 @@ def plot_predictions(paths, images, probabilities, path):
 
 def main(argv=None):
     positionals = [
-        ("run_dir", {"type": expand_path, "help": "a run folder of ann.py, cnn.py or resnet_transfer.py"}),
+        ("run_dir", {"type": common.expand_path, "help": "a run folder of ann.py, cnn.py or resnet_transfer.py"}),
         ("images", {"nargs": "*", "help": "image files (PNG, JPEG, BMP, WebP) or folders of them"}),
     ]
     hp = common.parse_hparams(globals(), argv, positionals)
     record, run_hp = load_run(Path(hp.run_dir))
-    session = Session(common.resolve_device(hp.device), record.get("precision", "fp32"))
-    model = build_model(Path(hp.run_dir), record, run_hp, session)
+    device = common.resolve_device(hp.device)
+    model = build_model(Path(hp.run_dir), record, run_hp, device)
     if hp.test:
         _, _, x_test, y_test = common.take_subset(run_hp.subset, *common.load_fashion_mnist(hp.data_dir or None))
-        accuracy = (model(x_test.to(session.device)).argmax(1).cpu() == y_test).float().mean().item()
+        accuracy = (model(x_test.to(device)).argmax(1).cpu() == y_test).float().mean().item()
         images = f"the first {len(y_test):,} test images (as the run's --subset)" if run_hp.subset else "the test set"
         print(f"test accuracy on {images}: {accuracy:.2%} (recorded in the run: {record['final']['test_acc']:.2%})")
         return accuracy
@@ -218,7 +208,7 @@ def main(argv=None):
     if not paths:
         raise common.UserError(f"no PNG, JPEG, BMP or WebP files in {' '.join(hp.images)}")
     good, images = load_images(paths, hp.raw)
-    probabilities = model(images.to(session.device)).softmax(1).cpu() if good else None
+    probabilities = model(images.to(device)).softmax(1).cpu() if good else None
     for path, p in zip(good, probabilities if good else [], strict=True):
         top = p.argsort(descending=True)[:3].tolist()
         print(f"{path}: " + ", ".join(f"{common.CLASSES[k]} {100 * p[k]:.0f}%" for k in top))

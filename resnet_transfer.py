@@ -135,34 +135,51 @@ def freeze(model):
 
 
 @torch.inference_mode()
-def extract_features(preprocess, backbone, images, run, batch_size):
+def extract_features(preprocess, backbone, images, device, amp, batch_size):
+    """The backbone's pooled features of uint8 images, computed on the device batch by batch."""
     chunks = []
     for xb in tqdm(images.split(batch_size), desc="features", disable=not sys.stdout.isatty()):
-        with run.autocast():
-            chunks.append(backbone(preprocess(xb.to(run.device))).float())
+        with amp:
+            chunks.append(backbone(preprocess(xb.to(device))).float())
     return torch.cat(chunks)
 
 
-def cached_features(hp, run, preprocess, backbone, weights_id, x_train, x_test):
-    """Features of the train and test images, from the cache when one matches these settings exactly."""
+def cached_features(cache_dir, settings, extract, x_train, x_test, width):
+    """(train features, test features, cache file): read from the file when it was made with the same settings
+    and images, else computed with extract(images) and saved there."""
     images_hash = hashlib.sha256(x_train.numpy().tobytes() + x_test.numpy().tobytes()).hexdigest()[:16]
-    key = f"{hp.backbone}-{weights_id}-{hp.image_size}px-{run.precision}-{images_hash}"
-    path = Path(hp.cache_dir or common.HERE / "data" / "cache") / f"{key}.pt"  # checked to be writable at start
-    run.record["feature_cache"] = str(path)
-    width = FEATURES[hp.backbone]
+    key = f"{settings}-{images_hash}"
+    path = cache_dir / f"{key}.pt"
     cached = common.load_cached_tensors(path, key, {"train": (len(x_train), width), "test": (len(x_test), width)})
     if cached is None:
-        print(f"extracting {hp.backbone} features of {len(x_train) + len(x_test)} images (once) ...", flush=True)
-        both = extract_features(preprocess, backbone, torch.cat([x_train, x_test]), run, hp.extract_batch)
+        print(f"extracting features of {len(x_train) + len(x_test)} images (once) ...", flush=True)
+        both = extract(torch.cat([x_train, x_test]))
         cached = {"key": key, "train": both[: len(x_train)], "test": both[len(x_train) :]}
         common.save_tensors(path, cached)
-    return cached["train"], cached["test"]
+    return cached["train"], cached["test"], path
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp):
+    """One pass over the batches: one optimizer step per batch. Returns the batches' mean loss and accuracy."""
+    model.train()
+    tally = common.Tally()  # running loss and accuracy, and a check that the loss stays finite
+    for inputs, labels in batches:
+        with amp:  # the forward pass in bf16 where the hardware has fast bf16 (PRECISION)
+            logits = model(inputs)
+            loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()  # the learning rate changes every step
+        tally.add(loss, logits, labels)
+    return tally.result()
 
 
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv)
+    cache_dir = Path(hp.cache_dir or common.HERE / "data" / "cache")
     if not hp.finetune:  # the features are cached there: better to learn now than after extracting them
-        common.writable_folder(Path(hp.cache_dir or common.HERE / "data" / "cache"), "--cache-dir")
+        common.writable_folder(cache_dir, "--cache-dir")
     with common.Run("resnet_transfer", hp) as run:
         torch.manual_seed(hp.seed)
         backbone, weights_id, mean, std = load_backbone(hp.backbone, hp.weights, hp.seed)
@@ -172,7 +189,10 @@ def main(argv=None):
         backbone = backbone.to(run.device, memory_format=torch.channels_last)
         preprocess = Preprocess(hp.image_size, mean, std).to(run.device)
         head = Head(FEATURES[hp.backbone], hp.dropout).to(run.device)
-        x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.load_fashion_mnist(hp.data_dir, run))
+        data_dir = common.find_fashion_mnist(hp.data_dir)
+        x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.load_fashion_mnist(data_dir))
+        run.record["data_dir"] = str(data_dir)
+        amp = common.autocast(run.device, run.precision)
 
         if hp.finetune:  # the backbone runs on every batch, so the model's inputs are the images
             model, inputs = FineTuned(preprocess, backbone, head), (x_train, x_test)
@@ -182,7 +202,13 @@ def main(argv=None):
             ]
         else:  # only the head trains, on features computed once
             model, params = head, head.parameters()
-            inputs = cached_features(hp, run, preprocess, backbone, weights_id, x_train, x_test)
+            settings = f"{hp.backbone}-{weights_id}-{hp.image_size}px-{run.precision}"  # what the features depend on
+
+            def extract(images):
+                return extract_features(preprocess, backbone, images, run.device, amp, hp.extract_batch)
+
+            *inputs, cache = cached_features(cache_dir, settings, extract, x_train, x_test, FEATURES[hp.backbone])
+            run.record["feature_cache"] = str(cache)
         splits = common.split_validation(inputs[0], y_train, inputs[1], y_test, hp.val_size, hp.seed)
         data = common.Splits(*[(x.to(run.device), y.to(run.device)) for x, y in splits])
 
@@ -198,12 +224,15 @@ def main(argv=None):
         run.start_training(model)
         for epoch in range(1, hp.epochs + 1):
             batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment if hp.finetune else None)
-            train_loss, train_acc = common.train_one_epoch(model, batches, optimizer, loss_fn, run, scheduler)
-            val_loss, val_acc = common.evaluate(model, *data.val, run)
+            train_loss, train_acc = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp)
+            val_loss, val_acc = common.evaluate(model, *data.val, amp)
             run.log_epoch(epoch, train_loss, train_acc, val_loss, val_acc, scheduler.get_last_lr()[0])
 
-        # The final evaluation: the only time the test set is used.
-        return run.report(model, data, x_test, tta_flip=False)
+        train_acc = common.evaluate(model, *data.train, amp)[1]
+        val_acc = common.evaluate(model, *data.val, amp)[1]
+        # The test set, evaluated once, after training: every choice was made on validation.
+        test_logits = common.predict(model, data.test[0], amp)
+        return run.report(model, train_acc, val_acc, test_logits, data.test[1], x_test)
 
 
 if __name__ == "__main__":

@@ -95,26 +95,28 @@ def our_pipeline(name, n, device, tmp):
     """A closure training one epoch over n images exactly as the script does (its recipe's defaults)."""
     script = SCRIPTS[name]
     hp = common.parse_hparams(vars(script), ["--subset", str(n), "--val-size", "0", "--out-dir", tmp])
-    hp.device = str(device)
-    run = common.Run(f"speed-{name}", hp)
-    data = common.to_device_normalized(common.load_splits(hp, run), run)
-    model = MODELS[name]().to(run.device, memory_format=torch.channels_last if name == "cnn" else torch.preserve_format)
+    precision = common.resolve_precision(hp.precision, device)
+    splits = common.load_splits(common.find_fashion_mnist(hp.data_dir), hp.subset, hp.val_size, hp.seed)
+    data, _ = common.to_device_normalized(splits, device)
+    model = MODELS[name]().to(device, memory_format=torch.channels_last if name == "cnn" else torch.preserve_format)
     if name == "cnn":  # the scripts' optimizers, at a small fixed learning rate
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, fused=True)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     ema = common.ema_model(model, hp.ema_decay) if hp.ema_decay else None
-    generator = torch.Generator(run.device).manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    amp = common.autocast(device, precision)
 
     def augment(x):
         return common.random_flip_and_shift(x, hp.max_shift, generator, flip=hp.flip)
 
     def epoch():
         batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment)
-        common.train_one_epoch(model, batches, optimizer, loss_fn, run, ema=ema)
+        script.train_one_epoch(model, batches, optimizer, scheduler, loss_fn, ema, amp)
 
-    return epoch, run.precision
+    return epoch, precision
 
 
 def throughput(name, n, repeats, device, root, tmp):
@@ -181,8 +183,8 @@ def time_to_accuracy(name, budget, device, root, tmp, quick):
 
 def transfer_ratio(device, quick):
     backbone_name, size = ("resnet18", 32) if quick else ("resnet50", resnet_transfer.IMAGE_SIZE)
-    hp = argparse.Namespace(device=str(device), precision="auto", out_dir=tempfile.mkdtemp())
-    run = common.Run("speed-transfer", hp)
+    precision = common.resolve_precision("auto", device)
+    amp = common.autocast(device, precision)
     backbone, _, mean, std = resnet_transfer.load_backbone(backbone_name, "none", 0)
     backbone = backbone.to(device, memory_format=torch.channels_last)
     preprocess = resnet_transfer.Preprocess(size, mean, std).to(device)
@@ -192,22 +194,28 @@ def transfer_ratio(device, quick):
     features = torch.randn(n, resnet_transfer.FEATURES[backbone_name], device=device)
     labels = torch.randint(0, 10, (n,), device=device)
     images = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8, device=device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss_fn = nn.CrossEntropyLoss()
-    common.train_one_epoch(head, common.shuffled_batches(features, labels, batch, None), optimizer, loss_fn, run)
+
+    def cached_epoch():
+        batches = common.shuffled_batches(features, labels, batch, None)
+        resnet_transfer.train_one_epoch(head, batches, optimizer, scheduler, loss_fn, amp)
+
+    cached_epoch()  # warm-up
     start = time.perf_counter()
-    common.train_one_epoch(head, common.shuffled_batches(features, labels, batch, None), optimizer, loss_fn, run)
+    cached_epoch()
     cached = time.perf_counter() - start
     sample_batches = 2 if quick else 5
-    resnet_transfer.extract_features(preprocess, backbone, images, run, batch)  # warm-up
+    resnet_transfer.extract_features(preprocess, backbone, images, device, amp, batch)  # warm-up
     start = time.perf_counter()
     for _ in range(sample_batches):
-        resnet_transfer.extract_features(preprocess, backbone, images, run, batch)
+        resnet_transfer.extract_features(preprocess, backbone, images, device, amp, batch)
     per_batch = (time.perf_counter() - start) / sample_batches
     uncached = per_batch * -(-n // batch) + cached
     return {
         "backbone": backbone_name,
         "image_size": size,
-        "precision": run.precision,
+        "precision": precision,
         "images": n,
         "cached_epoch_seconds": cached,
         "uncached_epoch_seconds_estimated": uncached,

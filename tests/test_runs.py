@@ -58,9 +58,10 @@ def test_model_pt_reproduces_the_saved_test_accuracy(ann_run):
     hp = common.parse_hparams(vars(ann), argv)
     model = ann.ANN(hp.dropout)
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
-    run = common.Run("check", settings(out_dir=str(run_dir.parent / "check")))
-    data = common.to_device_normalized(common.load_splits(hp, run), run)
-    _, test_acc = common.evaluate(model, *data.test, run, tta_flip=hp.tta_flip)
+    splits = common.load_splits(common.find_fashion_mnist(hp.data_dir), hp.subset, hp.val_size, hp.seed)
+    data, _ = common.to_device_normalized(splits, torch.device("cpu"))
+    amp = common.autocast(torch.device("cpu"), record["precision"])
+    _, test_acc = common.evaluate(model, *data.test, amp, tta_flip=hp.tta_flip)
     assert test_acc == pytest.approx(record["final"]["test_acc"])
 
 

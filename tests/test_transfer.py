@@ -7,7 +7,6 @@ import torchvision
 
 import common
 import resnet_transfer as rt
-from conftest import settings
 
 TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--subset", "600", "--val-size", "100"]
 TINY += ["--batch-size", "100", "--epochs", "2"]
@@ -76,8 +75,9 @@ def test_cached_features_equal_fresh_ones(real_data_dir, tmp_path):
     torch.manual_seed(0)  # the seed main() gave the random backbone
     backbone, _, mean, std = rt.load_backbone("resnet18", "none", 0)
     x_train, _, x_test, _ = common.take_subset(600, *common.load_fashion_mnist())
-    run = common.Run("check", settings(precision=saved["key"].split("-")[-2], out_dir=str(tmp_path)))
-    fresh = rt.extract_features(rt.Preprocess(32, mean, std), backbone, x_test, run, 128)
+    cpu = torch.device("cpu")
+    amp = common.autocast(cpu, saved["key"].split("-")[-2])  # the precision the cache was made in
+    fresh = rt.extract_features(rt.Preprocess(32, mean, std), backbone, x_test, cpu, amp, 128)
     assert torch.allclose(saved["test"], fresh, rtol=1e-3, atol=1e-3)
 
 
