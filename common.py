@@ -30,6 +30,7 @@ from plumbing import (  # noqa: F401  (re-exported for the scripts)
     UserError,
     atomic_write,
     check_state_dict,
+    deterministic_cudnn,
     device_name,
     expand_path,
     find_fashion_mnist,
@@ -43,6 +44,7 @@ from plumbing import (  # noqa: F401  (re-exported for the scripts)
     run_main,
     save_tensors,
     signals_ignored,
+    use_tf32,
     writable_folder,
 )
 
@@ -263,9 +265,10 @@ def scores(logits, labels):
 
 
 def autocast(device, precision):
-    """The context that the forward passes run in: bf16 autocast on the device when the precision is bf16,
-    a no-op for fp32. One object serves every `with` in turn."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """The context that the forward passes run in: autocast to bf16 or fp16 on the device (matrix products and
+    convolutions in 16 bits, sums and losses in fp32), a no-op for fp32. One object serves every `with` in turn."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
 def confusion_matrix(predicted, labels):
@@ -288,6 +291,8 @@ class Run:
         self.hp = hp
         self.device = resolve_device(hp.device)
         self.precision = resolve_precision(getattr(hp, "precision", "fp32"), self.device)
+        tf32 = use_tf32(self.device, self.precision)
+        deterministic_cudnn(self.device)
         self.dir = self._make_dir(Path(hp.out_dir or HERE / "runs"))
         self.kept_model = None
         self.reported = False  # True once the finished run's record, plots and summary are all written
@@ -297,6 +302,7 @@ class Run:
             "device": str(self.device),
             "device_name": device_name(self.device),
             "precision": self.precision,
+            "tf32": tf32,
             "torch_version": torch.__version__,
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "hparams": {name.upper(): value for name, value in vars(hp).items()},

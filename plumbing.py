@@ -70,7 +70,7 @@ SETTINGS = {
         lambda v: v in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v),
         "auto, cpu, cuda, cuda:N or mps",
     ),
-    "PRECISION": (str, lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+    "PRECISION": (str, lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
     "DATA_DIR": (expand_path, lambda v: True, "a folder"),
     "OUT_DIR": (expand_path, lambda v: True, "a folder"),
     "CACHE_DIR": (expand_path, lambda v: True, "a folder"),
@@ -184,36 +184,71 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def bf16_is_fast(device):
-    """bf16 pays off on CUDA GPUs that support it and on CPUs with AVX-512-BF16 or AMX."""
+def has_fast(dtype, device):
+    """Whether the device has units that compute in this 16-bit type at full speed (elsewhere it is emulated).
+
+    CUDA: bf16 from compute capability 8.0 (Ampere) on, fp16 tensor cores from 7.0 (Volta, Turing: the T4).
+    torch.cuda.is_bf16_supported() is no guide: it also answers True where bf16 is only emulated.
+    CPU: bf16 with AVX-512-BF16 or AMX, fp16 with AMX-FP16. MPS: not verified here, so neither."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        major, _ = torch.cuda.get_device_capability(device)
+        return major >= (8 if dtype == "bf16" else 7)
     if device.type == "cpu":
-        cpu = torch.cpu
-        return bool(
-            getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-            or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+        probes = (
+            ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == "bf16" else ("_is_amx_fp16_supported",)
         )
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
     return False
 
 
+def fast_precision(device):
+    """What PRECISION = "auto" picks: bf16 where the device has bf16 units, else fp16 on CUDA tensor cores
+    (with loss scaling), else fp32."""
+    if has_fast("bf16", device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" and has_fast("fp16", device) else "fp32"
+
+
 def resolve_precision(name, device):
+    """The precision a run computes in: `auto` as fast_precision; an explicit one is refused where it cannot
+    work and warned about where it is emulated."""
     if name == "auto":
-        return "bf16" if bf16_is_fast(device) else "fp32"
+        return fast_precision(device)
     if name == "bf16" and device.type == "mps":
-        raise UserError("--precision bf16 is not supported on MPS here; use fp32 or auto")
-    if name == "bf16" and not bf16_is_fast(device):
+        raise UserError("--precision bf16 is not supported on MPS here; use fp16, fp32 or auto")
+    if name != "fp32" and not torch.amp.is_autocast_available(device.type):
+        raise UserError(f"--precision {name}: PyTorch has no autocast for {device.type} here; use fp32 or auto")
+    if name != "fp32" and device.type != "mps" and not has_fast(name, device):
         print(
-            f"warning: --precision bf16 on a {device.type.upper()} without bf16 units is emulated and runs several "
-            "times slower than fp32; --precision auto picks fp32 here",
+            f"warning: --precision {name} on a {device.type.upper()} without {name} units is emulated and runs "
+            f"several times slower than fp32; --precision auto picks {fast_precision(device)} here",
             file=sys.stderr,
         )
     return name
 
 
+def use_tf32(device, precision):
+    """fp32 on an Ampere or newer GPU: matrix products run on the tensor cores in TF32 (fp32's range, a 10-bit
+    mantissa), several times faster, as cuDNN's convolutions already do by default. Returns whether it applies."""
+    if device.type != "cuda" or precision != "fp32" or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
+
+
+def deterministic_cudnn(device):
+    """On CUDA, cuDNN picks only deterministic convolution kernels, so that the same seed on the same GPU gives
+    the same numbers. (The CPU's kernels are deterministic already.)"""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
 def device_name(device):
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}, {memory:.0f} GiB"
     if device.type == "cpu":
         return f"{cpu_model()}, {torch.get_num_threads()} threads"
     return device.type

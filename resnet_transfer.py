@@ -38,7 +38,7 @@ VAL_SIZE = 5000  # training images held out for validation, class-balanced (0 = 
 SUBSET = 0  # use only the first N training and N test images, for quick dry runs (0 = all)
 SEED = 0  # seeds initialisation, the validation split, batch order and augmentation
 DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
-PRECISION = "auto"  # auto (bf16 where the hardware has fast bf16), bf16 or fp32
+PRECISION = "auto"  # auto (bf16 on Ampere+ GPUs and bf16 CPUs, fp16 on a T4 or V100, else fp32), bf16, fp16, fp32
 DATA_DIR = ""  # folder with the Fashion-MNIST files ("" = $FASHION_MNIST_DIR, ./data, the Debian package, download)
 OUT_DIR = ""  # where run folders go ("" = runs/ beside this script)
 SHOW = False  # at the end, open the plots in windows (needs a display; they are always saved as PNGs)
@@ -159,17 +159,18 @@ def cached_features(cache_dir, settings, extract, x_train, x_test, width):
     return cached["train"], cached["test"], path
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp):
+def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp, scaler):
     """One pass over the batches: one optimizer step per batch. Returns the batches' mean loss and accuracy."""
     model.train()
     tally = common.Tally()  # running loss and accuracy, and a check that the loss stays finite
     for inputs, labels in batches:
-        with amp:  # the forward pass in bf16 where the hardware has fast bf16 (PRECISION)
+        with amp:  # the forward pass in 16 bits where the hardware is fast at it (PRECISION)
             logits = model(inputs)
             loss = loss_fn(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()  # fp16 only: the loss is scaled up so that small gradients do not round to 0
+        scaler.step(optimizer)  # unscales the gradients, and skips the step if they overflowed
+        scaler.update()  # the scale adapts: down after an overflow, up after a long run without one
         scheduler.step()  # the learning rate changes every step
         tally.add(loss, logits, labels)
     return tally.result()
@@ -193,6 +194,7 @@ def main(argv=None):
         x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.load_fashion_mnist(data_dir))
         run.record["data_dir"] = str(data_dir)
         amp = common.autocast(run.device, run.precision)
+        scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")  # a no-op unless fp16
 
         if hp.finetune:  # the backbone runs on every batch, so the model's inputs are the images
             model, inputs = FineTuned(preprocess, backbone, head), (x_train, x_test)
@@ -224,7 +226,7 @@ def main(argv=None):
         run.start_training(model)
         for epoch in range(1, hp.epochs + 1):
             batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment if hp.finetune else None)
-            train_loss, train_acc = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp)
+            train_loss, train_acc = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp, scaler)
             val_loss, val_acc = common.evaluate(model, *data.val, amp)
             run.log_epoch(epoch, train_loss, train_acc, val_loss, val_acc, scheduler.get_last_lr()[0])
 

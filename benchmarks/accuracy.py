@@ -67,7 +67,7 @@ def machine():
     return {
         "cpu": plumbing.cpu_model(),
         "threads": torch.get_num_threads(),
-        "cpu_bf16": plumbing.bf16_is_fast(torch.device("cpu")),  # decides PRECISION = "auto" on the CPU
+        "cpu_bf16": plumbing.has_fast("bf16", torch.device("cpu")),  # decides PRECISION = "auto" on the CPU
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -108,13 +108,14 @@ def our_pipeline(name, n, device, tmp):
     generator = torch.Generator(device).manual_seed(0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
     amp = common.autocast(device, precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def augment(x):
         return common.random_flip_and_shift(x, hp.max_shift, generator, flip=hp.flip)
 
     def epoch():
         batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment)
-        script.train_one_epoch(model, batches, optimizer, scheduler, loss_fn, ema, amp)
+        script.train_one_epoch(model, batches, optimizer, scheduler, loss_fn, ema, amp, scaler)
 
     return epoch, precision
 
@@ -185,6 +186,7 @@ def transfer_ratio(device, quick):
     backbone_name, size = ("resnet18", 32) if quick else ("resnet50", resnet_transfer.IMAGE_SIZE)
     precision = common.resolve_precision("auto", device)
     amp = common.autocast(device, precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     backbone, _, mean, std = resnet_transfer.load_backbone(backbone_name, "none", 0)
     backbone = backbone.to(device, memory_format=torch.channels_last)
     preprocess = resnet_transfer.Preprocess(size, mean, std).to(device)
@@ -199,7 +201,7 @@ def transfer_ratio(device, quick):
 
     def cached_epoch():
         batches = common.shuffled_batches(features, labels, batch, None)
-        resnet_transfer.train_one_epoch(head, batches, optimizer, scheduler, loss_fn, amp)
+        resnet_transfer.train_one_epoch(head, batches, optimizer, scheduler, loss_fn, amp, scaler)
 
     cached_epoch()  # warm-up
     start = time.perf_counter()

@@ -168,12 +168,6 @@ def test_tta_flip_without_flip_is_recorded_as_off(capsys):
     assert common.parse_hparams(vars(cnn), ["--tta-flip", "--flip"]).tta_flip is True
 
 
-def test_bf16_on_a_cpu_without_bf16_units_warns_in_one_line_and_runs(real_data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(plumbing, "bf16_is_fast", lambda device: False)
-    code, err = run_cli(ann, SMALL + ["--precision", "bf16", "--out-dir", str(tmp_path)], capsys)
-    assert code == 0 and len(err) == 1 and "without bf16 units" in err[0] and "slower" in err[0]
-
-
 def test_the_expected_duration_is_printed_after_the_first_epoch(real_data_dir, tmp_path, capsys):
     ann.main(SMALL + ["--epochs", "3", "--out-dir", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()

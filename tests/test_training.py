@@ -50,7 +50,8 @@ def test_the_scripts_epoch_steps_optimizer_scheduler_and_average_once_per_batch(
     ema = common.ema_model(model, 0.9)
     batches = common.shuffled_batches(x, y, 64, torch.Generator().manual_seed(0))
     amp = common.autocast(torch.device("cpu"), "fp32")
-    loss, acc = script.train_one_epoch(model, batches, optimizer, scheduler, nn.CrossEntropyLoss(), ema, amp)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, acc = script.train_one_epoch(model, batches, optimizer, scheduler, nn.CrossEntropyLoss(), ema, amp, scaler)
     steps = common.steps_per_epoch(1003, 64)
     assert scheduler.last_epoch == steps == 16 and ema.n_averaged.item() == steps
     assert loss > 0 and 0 <= acc <= 1
@@ -66,13 +67,13 @@ def test_the_scripts_training_loop_lowers_the_loss_on_real_images(script, real_d
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     amp = common.autocast(torch.device("cpu"), "fp32")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     generator = torch.Generator().manual_seed(0)
-    losses = [
-        script.train_one_epoch(
-            model, common.shuffled_batches(x, y, 100, generator), optimizer, scheduler, nn.CrossEntropyLoss(), None, amp
-        )[0]
-        for _ in range(3)
-    ]
+    loss_fn = nn.CrossEntropyLoss()
+    losses = []
+    for _ in range(3):
+        batches = common.shuffled_batches(x, y, 100, generator)
+        losses.append(script.train_one_epoch(model, batches, optimizer, scheduler, loss_fn, None, amp, scaler)[0])
     assert losses[-1] < 0.5 * losses[0]
 
 
