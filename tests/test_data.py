@@ -1,11 +1,52 @@
+"""The Fashion-MNIST files: where they are found, how they are verified and loaded, and the validation split.
+
+Finding: a folder the user names (--data-dir or $FASHION_MNIST_DIR) is used even when it lacks the files (they
+are downloaded into it), and a missing, unreadable or looping folder is named in one line. Verifying: a file
+that is truncated, corrupt, another dataset, huge or a gzip bomb is refused, without reading more than the
+official file's size. Loading: the same arrays as torchvision's reader, from .gz or decompressed files.
+Augmentation and test-time views are in test_augmentation.py.
+"""
+
+import builtins
 import gzip
+import io
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
+import ann
 import common
 import plumbing
+from conftest import ROOT, SMALL, one_line, run_cli
+
+
+@pytest.fixture
+def copied_dir(real_data_dir, tmp_path):
+    """A writable copy of the real files as .gz, to damage one of them."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in common.FILES:
+        source = common.find_file(real_data_dir, name)
+        data = source.read_bytes()
+        (folder / (name + ".gz")).write_bytes(data if source.suffix == ".gz" else gzip.compress(data))
+    return folder
+
+
+def offline(monkeypatch):
+    """torchvision's downloads go nowhere: nothing listens on port 9."""
+    from torchvision.datasets import FashionMNIST
+
+    monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
 
 
 def test_loader_matches_torchvision_reader(extracted_dir):
@@ -27,14 +68,27 @@ def test_gz_and_extracted_files_give_the_same_arrays(real_data_dir, extracted_di
         assert torch.equal(a, b)
 
 
-@pytest.fixture
-def copied_dir(real_data_dir, tmp_path):
-    """A writable copy of the real files as .gz, to damage one of them."""
-    for name in common.FILES:
-        source = common.find_file(real_data_dir, name)
-        data = source.read_bytes()
-        (tmp_path / (name + ".gz")).write_bytes(data if source.suffix == ".gz" else gzip.compress(data))
-    return tmp_path
+def test_the_data_folder_used_is_printed_and_recorded(real_data_dir, tmp_path, capsys):
+    ann.main(SMALL + ["--out-dir", str(tmp_path)])
+    assert f"data: {real_data_dir}" in capsys.readouterr().out
+    (metrics,) = tmp_path.glob("*/metrics.json")
+    assert json.loads(metrics.read_text())["data_dir"] == str(real_data_dir)
+
+
+def test_stratified_split_is_balanced_disjoint_and_seeded():
+    labels = torch.arange(10).repeat_interleave(600)[torch.randperm(6000, generator=torch.Generator().manual_seed(1))]
+    train, val = common.stratified_split(labels, 503, seed=7)
+    assert len(val) == 503 and len(train) == 6000 - 503
+    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(6000))
+    counts = torch.bincount(labels[val], minlength=10)
+    assert counts.max() - counts.min() <= 1
+    again_train, again_val = common.stratified_split(labels, 503, seed=7)
+    assert torch.equal(val, again_val) and torch.equal(train, again_train)
+    assert not torch.equal(val, common.stratified_split(labels, 503, seed=8)[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Verifying: a file that is not the official one is refused, without reading more than the official size
 
 
 def test_truncated_file_is_refused(copied_dir):
@@ -63,63 +117,121 @@ def test_other_dataset_with_the_same_shape_is_refused(copied_dir):
         common.load_fashion_mnist(copied_dir)
 
 
-def test_missing_data_dir_is_refused(tmp_path):
-    with pytest.raises(common.UserError, match=r"does not exist"):
-        common.load_fashion_mnist(tmp_path / "nowhere")
+def test_a_huge_data_file_is_refused_without_reading_it(copied_dir, monkeypatch):
+    (copied_dir / "t10k-images-idx3-ubyte.gz").unlink()
+    huge = copied_dir / "t10k-images-idx3-ubyte"
+    with open(huge, "wb") as f:
+        f.truncate(4 * 2**30)  # 4 GiB, sparse: costs no disk, and reading it whole would cost 4 GiB of memory
+    opened, real_open = [], builtins.open
+
+    def recording_open(file, *args, **kwargs):
+        opened.append(os.fspath(file) if isinstance(file, str | os.PathLike) else file)
+        return real_open(file, *args, **kwargs)
+
+    for module, name in ((builtins, "open"), (io, "open"), (plumbing, "open")):
+        monkeypatch.setattr(module, name, recording_open, raising=False)
+    started = time.perf_counter()
+    with pytest.raises(common.UserError, match=r"t10k-images-idx3-ubyte: 4,294,967,296 bytes, but the official"):
+        common.load_fashion_mnist(copied_dir)
+    assert time.perf_counter() - started < 10
+    assert str(huge) not in opened  # refused by its size alone: never opened
 
 
-def test_a_named_folder_is_used_even_when_incomplete(real_data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
-    shutil.copy(common.find_file(real_data_dir, "t10k-labels-idx1-ubyte"), tmp_path)
-    downloads = []
-    monkeypatch.setattr(plumbing, "_download", lambda folder: downloads.append(folder) or folder)
-    assert common.find_fashion_mnist() == tmp_path and downloads == [tmp_path]  # never other files silently
+def test_a_gzip_bomb_is_refused_after_inflating_no_more_than_the_real_file(copied_dir, monkeypatch):
+    bomb = gzip.compress(bytes(200 * 2**20), compresslevel=9)  # 200 MiB of zeros in about 200 KB
+    (copied_dir / "train-images-idx3-ubyte.gz").write_bytes(bomb)
+    reads = []
+    real_open = gzip.open
+
+    def counting_open(*args, **kwargs):
+        f = real_open(*args, **kwargs)
+        read = f.read
+        f.read = lambda size=-1: reads.append(size) or read(size)
+        return f
+
+    monkeypatch.setattr(plumbing.gzip, "open", counting_open)
+    with pytest.raises(common.UserError, match=r"train-images-idx3-ubyte\.gz: holds more than the 47,040,016 bytes"):
+        common.load_fashion_mnist(copied_dir)
+    assert reads == [47_040_017]  # one read, capped at one byte past the official size: never the 200 MiB
 
 
-def test_stratified_split_is_balanced_disjoint_and_seeded():
-    labels = torch.arange(10).repeat_interleave(600)[torch.randperm(6000, generator=torch.Generator().manual_seed(1))]
-    train, val = common.stratified_split(labels, 503, seed=7)
-    assert len(val) == 503 and len(train) == 6000 - 503
-    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(6000))
-    counts = torch.bincount(labels[val], minlength=10)
-    assert counts.max() - counts.min() <= 1
-    again_train, again_val = common.stratified_split(labels, 503, seed=7)
-    assert torch.equal(val, again_val) and torch.equal(train, again_train)
-    assert not torch.equal(val, common.stratified_split(labels, 503, seed=8)[1])
+def test_a_small_file_claiming_a_huge_gzip_is_refused_by_its_size(copied_dir):
+    (copied_dir / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(50 * 2**20)))
+    with pytest.raises(common.UserError, match=r"t10k-labels-idx1-ubyte\.gz: [\d,]+ bytes, but the official"):
+        common.load_fashion_mnist(copied_dir)
 
 
-def test_flip_and_shift_move_pixels_without_changing_them():
-    x = torch.randn(64, 1, 28, 28)
-    generator = torch.Generator().manual_seed(0)
-    flipped = common.random_flip_and_shift(x, 0, generator)
-    same = (flipped == x).flatten(1).all(1)
-    mirrored = (flipped == x.flip(3)).flatten(1).all(1)
-    assert (same | mirrored).all() and same.any() and mirrored.any()
-    shifted = common.random_flip_and_shift(x, 2, generator, flip=False)
-    background = x.min()
-    # every shifted image is a translated copy: its 24x24 centre appears in the original
-    for original, moved in zip(x, shifted, strict=True):
-        centre = moved[:, 2:26, 2:26]
-        assert any(
-            torch.equal(original[:, 2 + dy : 26 + dy, 2 + dx : 26 + dx], centre)
-            for dy in range(-2, 3)
-            for dx in range(-2, 3)
-        )
-    assert (shifted == background).any()
+def test_bad_data_files_exit_2_with_one_line_naming_one_and_leave_no_run_folder(tmp_path):
+    """As a user sees it: `python ann.py` on files that are not gzip at all."""
+    for name in common.FILES:
+        (tmp_path / (name + ".gz")).write_bytes(b"\x1f\x8b not really gzip")
+    result = subprocess.run(
+        [sys.executable, "ann.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "train-images-idx3-ubyte.gz" in err[0] and "Traceback" not in result.stderr
+    assert not any((tmp_path / "runs").iterdir())
 
 
-def test_tta_views_are_the_image_its_shifts_and_their_mirrors():
-    x = torch.randn(3, 1, 28, 28)
-    assert [v.data_ptr() for v in common.tta_views(x)] == [x.data_ptr()]
-    views = common.tta_views(x, flip=True, max_shift=2, background=-5.0)
-    assert len(views) == 2 * (1 + 4 * 2)
-    unflipped, mirrored = views[:9], views[9:]
-    for view, mirror in zip(unflipped, mirrored, strict=True):
-        assert torch.equal(mirror, view.flip(3))
-    assert torch.equal(unflipped[0], x)
-    down, up, right, left = unflipped[1:5]  # moved by one pixel; the background fills the edge it leaves
-    assert torch.equal(down[:, :, 1:], x[:, :, :-1]) and (down[:, :, 0] == -5).all()
-    assert torch.equal(up[:, :, :-1], x[:, :, 1:]) and (up[:, :, -1] == -5).all()
-    assert torch.equal(right[..., 1:], x[..., :-1]) and (right[..., 0] == -5).all()
-    assert torch.equal(left[..., :-1], x[..., 1:]) and (left[..., -1] == -5).all()
-    assert torch.equal(unflipped[5][:, :, 2:], x[:, :, :-2])  # then by two
+# ----------------------------------------------------------------------------------------------
+# Finding: the folder the user named, or ./data, the Debian package's folder, or a download
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+def test_a_missing_data_folder_a_file_or_a_symlink_loop_is_named_as_such(from_env, tmp_path, monkeypatch, capsys):
+    a_file, loop = tmp_path / "a-file", tmp_path / "loop"
+    a_file.write_text("not a folder")
+    loop.symlink_to(loop)
+    flag = "$FASHION_MNIST_DIR" if from_env else "--data-dir"
+    for folder, words in ((tmp_path / "nowhere", "does not exist"), (a_file, "is a file"), (loop, "symlink loop")):
+        argv = ["--out-dir", str(tmp_path / "runs")]
+        if from_env:
+            monkeypatch.setenv("FASHION_MNIST_DIR", str(folder))
+        else:
+            argv += ["--data-dir", str(folder)]
+        code, err = run_cli(ann, argv, capsys)
+        assert code == 2
+        one_line(err, flag, str(folder), words)
+        assert not any((tmp_path / "runs").iterdir())
+
+
+def test_unreadable_data_folder_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(os, "access", lambda *a: False)  # tests run as root, where chmod does not stop reads
+    code, err = run_cli(ann, ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and len(err) == 1 and "not readable" in err[0]
+
+
+@pytest.mark.parametrize("holds", ["nothing", "one of the four files"])
+@pytest.mark.parametrize("from_env", [False, True])
+def test_a_named_data_folder_without_the_files_is_used_not_passed_over(
+    from_env, holds, real_data_dir, tmp_path, monkeypatch, capsys
+):
+    """The download goes into the folder the user named; no other folder's files are used silently."""
+    offline(monkeypatch)
+    named = tmp_path / "named"
+    named.mkdir()
+    if holds != "nothing":
+        shutil.copy(common.find_file(real_data_dir, "t10k-labels-idx1-ubyte"), named)
+    argv = ["--out-dir", str(tmp_path / "runs")]
+    if from_env:
+        monkeypatch.setenv("FASHION_MNIST_DIR", str(named))
+    else:
+        argv += ["--data-dir", str(named)]
+    code, err = run_cli(ann, argv, capsys)
+    assert code == 2
+    one_line(err, f"could not download Fashion-MNIST into {named}")
+    assert not any((tmp_path / "runs").iterdir())
+
+
+def test_failed_download_says_where_data_can_come_from(tmp_path, monkeypatch, capsys):
+    offline(monkeypatch)
+    monkeypatch.setattr(plumbing, "HERE", tmp_path)
+    monkeypatch.setattr(plumbing, "DEBIAN_DIR", tmp_path / "no-debian-package")
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    code, err = run_cli(ann, ["--out-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and len(err) == 1
+    assert plumbing.DOWNLOAD_URL in err[0] and "dataset-fashion-mnist" in err[0] and "--data-dir" in err[0]

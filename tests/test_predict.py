@@ -79,13 +79,19 @@ def test_photos_get_the_class_the_original_images_get(runs, test_images, tmp_pat
     assert agreement >= 0.90
 
 
-def test_raw_images_are_predicted_as_in_training(runs, test_images, tmp_path, capsys):
-    """--raw on the test images saved as PNGs gives exactly the model's own test-set probabilities."""
+def test_raw_images_are_predicted_as_in_training(runs, test_images, real_data_dir, tmp_path, capsys):
+    """--raw on the test images saved as PNGs gives the probabilities the trained model gives those images as
+    its run evaluated them: its script's model and model.pt, on the test split normalised as in training."""
     folder = save_raw(test_images[:20], tmp_path / "raw")
     probabilities = predict.main([str(runs["ann"]), str(folder), "--raw", "--out", str(tmp_path / "p.png")])
-    record, hp = predict.load_run(runs["ann"])
-    expected = predict.build_model(runs["ann"], record, hp, torch.device("cpu"))(test_images[:20]).softmax(1)
-    assert torch.allclose(probabilities, expected)
+    hp = common.parse_hparams(vars(ann), TRAIN)
+    model = ann.ANN(hp.dropout)
+    model.load_state_dict(torch.load(runs["ann"] / "model.pt", weights_only=True))
+    splits = common.load_splits(real_data_dir, hp.subset, hp.val_size, hp.seed)
+    data, _ = common.to_device_normalized(splits, torch.device("cpu"))
+    amp = common.autocast(torch.device("cpu"), hp.precision)
+    expected = common.predict(model, data.test[0][:20], amp, hp.tta_flip).softmax(1)
+    assert torch.allclose(probabilities, expected, atol=1e-6)
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r".*000\.png: [\w/ -]+ \d+%, [\w/ -]+ \d+%, [\w/ -]+ \d+%", lines[0])
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

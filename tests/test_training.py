@@ -1,6 +1,9 @@
+"""Training: the models, the batches, each script's epoch step and loop, the learning-rate schedule and the
+weight average, and what training does with its settings (the same seed, no validation split, a last batch of
+one image). What a finished run writes is in test_runs.py; precision and the loss scaler in test_precision.py.
+"""
+
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +12,10 @@ import torch.nn as nn
 import ann
 import cnn
 import common
-from conftest import SMALL
+from conftest import SMALL, run_cli
+
+# ----------------------------------------------------------------------------------------------
+# Models
 
 
 def test_models_map_images_to_ten_logits_and_their_widths_follow_the_settings():
@@ -27,18 +33,45 @@ def test_models_map_images_to_ten_logits_and_their_widths_follow_the_settings():
             assert next(m for m in reversed(layers[:i]) if hasattr(m, "weight")).bias is None
 
 
-@pytest.mark.parametrize("n", [1003, 1025, 65])  # not a multiple of 64; one image over; one image over, 2 batches
-def test_every_training_index_is_used_once_per_epoch_and_no_batch_holds_one_image(n):
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+@pytest.mark.parametrize(
+    "n, batches",
+    [(1003, 16), (1025, 16), (65, 1)],  # not a multiple of 64; one image over; one image over a single batch
+)
+def test_every_training_index_is_used_once_per_epoch_and_no_batch_holds_one_image(n, batches):
     x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
     y = torch.arange(n)
     generator = torch.Generator().manual_seed(0)
     epochs = [list(common.shuffled_batches(x, y, 64, generator)) for _ in range(2)]
-    for batches in epochs:
-        assert len(batches) == common.steps_per_epoch(n, 64)
-        assert min(len(labels) for _, labels in batches) >= 2  # BatchNorm cannot train on one image
-        assert all(torch.equal(images.flatten().long(), labels) for images, labels in batches)
-        assert torch.equal(torch.cat([labels for _, labels in batches]).sort().values, torch.arange(n))
+    assert common.steps_per_epoch(n, 64) == batches  # what the schedule is sized by
+    for epoch in epochs:
+        assert len(epoch) == batches
+        assert min(len(labels) for _, labels in epoch) >= 2  # BatchNorm cannot train on one image
+        assert all(torch.equal(images.flatten().long(), labels) for images, labels in epoch)
+        assert torch.equal(torch.cat([labels for _, labels in epoch]).sort().values, torch.arange(n))
     assert not torch.equal(torch.cat([y for _, y in epochs[0]]), torch.cat([y for _, y in epochs[1]]))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--subset", "1201", "--val-size", "200", "--batch-size", "100"],  # 1,001 images: a last batch of one
+        ["--subset", "1200", "--val-size", "191", "--batch-size", "9"],  # 1,009 = 112 * 9 + 1
+        ["--val-size", "95", "--batch-size", "512"],  # the whole training set: 59,905 = 117 * 512 + 1
+    ],
+)
+def test_a_last_batch_of_one_image_trains_the_batchnorm_model(argv, real_data_dir, tmp_path, capsys):
+    code, err = run_cli(ann, argv + ["--epochs", "1", "--out-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+
+
+# ----------------------------------------------------------------------------------------------
+# The scripts' epoch step and loop
 
 
 @pytest.mark.parametrize("script", [ann, cnn])
@@ -77,29 +110,6 @@ def test_the_scripts_training_loop_lowers_the_loss_on_real_images(script, real_d
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("script, extra", [(ann, []), (cnn, ["--lr", "0.02"])])  # 10 steps need a gentler peak
-def test_main_runs_end_to_end_and_writes_the_run_folder(script, extra, real_data_dir, out_dir, capsys):
-    final = script.main(SMALL + extra + ["--out-dir", str(out_dir)])
-    (run_dir,) = out_dir.iterdir()
-    record = json.loads((run_dir / "metrics.json").read_text())
-    assert record["status"] == "completed" and record["script"] == script.__name__
-    assert len(record["history"]) == 1 and record["final"] == final
-    assert set(record["history"][0]) == {
-        "epoch",
-        "train_batch_loss",
-        "train_batch_acc",
-        "val_loss",
-        "val_acc",
-        "lr",
-        "seconds",
-    }
-    assert set(final) == {"train_acc", "val_acc", "test_acc", "test_loss", "seconds"}
-    assert 0.3 < final["test_acc"] <= 1  # one epoch on 1000 images is far above chance (0.1)
-    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last_line.startswith(f"{script.__name__}: train_acc=") and "test_acc=" in last_line
-
-
 def test_same_seed_gives_identical_metrics(real_data_dir, tmp_path):
     args = SMALL + ["--epochs", "2", "--out-dir", str(tmp_path)]
     first, second = ann.main(args), ann.main(args)
@@ -118,52 +128,8 @@ def test_val_size_zero_trains_on_everything(real_data_dir, out_dir):
     assert json.loads((run_dir / "metrics.json").read_text())["history"][0]["val_acc"] is None
 
 
-def test_flags_override_constants_and_defaults_are_the_constants():
-    hp = common.parse_hparams(vars(cnn), ["--epochs", "3", "--lr", "0.5", "--flip", "--fc-width", "64"])
-    assert (hp.epochs, hp.lr, hp.flip, hp.fc_width) == (3, 0.5, True, 64)
-    assert hp.batch_size == cnn.BATCH_SIZE and hp.seed == cnn.SEED
-    defaults = vars(common.parse_hparams(vars(ann), []))
-    assert defaults == {
-        k.lower(): v for k, v in vars(ann).items() if k.isupper() and type(v) in (int, float, str, bool)
-    }
-
-
-def test_help_lists_every_constant_with_its_comment_and_default(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        common.parse_hparams(vars(cnn), ["--help"])
-    assert exit_info.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    for name in (
-        "EPOCHS",
-        "BATCH_SIZE",
-        "LR",
-        "WEIGHT_DECAY",
-        "DROPOUT",
-        "SEED",
-        "VAL_SIZE",
-        "DEVICE",
-        "DATA_DIR",
-        "OUT_DIR",
-    ):
-        assert "--" + name.lower().replace("_", "-") in text
-    epochs_line = next(line for line in Path(cnn.__file__).read_text().splitlines() if line.startswith("EPOCHS ="))
-    assert f"{epochs_line.split('# ', 1)[1]} (default: {cnn.EPOCHS})" in text
-
-
-def test_ema_ramps_its_decay_up_and_averages_batchnorm_statistics():
-    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
-    averaged = common.ema_model(model, decay=0.9)
-    expected = None
-    for t in range(30):  # the model's weight and running mean step up by 1 each time
-        with torch.no_grad():
-            model[0].weight.fill_(t)
-            model[1].running_mean.fill_(t)
-        averaged.update_parameters(model)
-        decay = min(0.9, (1 + t) / (10 + t))  # t averaged steps before this one
-        expected = float(t) if expected is None else decay * expected + (1 - decay) * t
-        assert averaged.module[0].weight.item() == pytest.approx(expected, rel=1e-5)
-        assert averaged.module[1].running_mean.item() == pytest.approx(expected, rel=1e-5)
-    assert 20 < expected < 29  # behind the model, by about decay / (1 - decay) steps
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedule and the weight average
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_zero():
@@ -174,6 +140,47 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert lrs[:3] == pytest.approx([0.005, 0.01, 0.015]) and lrs[19] == pytest.approx(0.1)
-    assert lrs[60] == pytest.approx(0.05 * (1 + math.cos(math.pi * 40 / 80)))
-    assert all(a >= b for a, b in zip(lrs[19:], lrs[20:], strict=False)) and optimizer.param_groups[0]["lr"] < 1e-12
+    # 20 warm-up steps climb in equal steps of 0.005 to the peak, which the decay starts from
+    assert lrs[:20] == pytest.approx([0.005 * (i + 1) for i in range(20)]) and lrs[20] == pytest.approx(0.1)
+    decay = lrs[20:] + [optimizer.param_groups[0]["lr"]]  # 80 decay steps, and where they end
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False)) and decay[-1] < 1e-12
+    # a half cosine: half the peak halfway, symmetric about that point, above a straight line before it
+    assert decay[40] == pytest.approx(0.05)
+    assert all(decay[k] + decay[80 - k] == pytest.approx(0.1) for k in range(81))
+    assert all(decay[k] > 0.1 * (1 - k / 80) for k in range(1, 40))
+
+
+def test_ema_ramps_its_decay_up_and_averages_batchnorm_statistics():
+    """Fed a model whose weight and BatchNorm running mean step up by 1 each time (t = 0, 1, 2, ...)."""
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    averaged = common.ema_model(model, decay=0.9)
+    lags = []
+    for t in range(200):
+        with torch.no_grad():
+            model[0].weight.fill_(t)
+            model[1].running_mean.fill_(t)
+            model[1].num_batches_tracked.fill_(t)
+        averaged.update_parameters(model)
+        weight = averaged.module[0].weight.item()
+        assert averaged.module[1].running_mean.item() == pytest.approx(weight, rel=1e-6)  # averaged like a weight
+        assert averaged.module[1].num_batches_tracked.item() == t  # a counter: copied, not averaged
+        lags.append(t - weight)
+    assert lags[0] == 0  # the first average is the model itself
+    # The decay ramps up: the average starts close behind the model and falls further behind as it ramps up ...
+    assert all(0 < lag < 0.5 for lag in lags[1:5]) and all(a < b for a, b in zip(lags[1:80], lags[2:81], strict=True))
+    # ... to the lag of an average with the full decay, 0.9 / (1 - 0.9) = 9 steps behind a steady climb.
+    assert lags[-1] == pytest.approx(9, abs=0.01)
+
+
+def test_ema_forgets_the_first_random_weights_within_a_few_hundred_steps():
+    """With decay 0.999, a fixed decay would still hold 0.999**300 = 74% of the first weights after 300 steps."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1000.0)  # the freshly initialised weights
+    averaged = common.ema_model(model, decay=0.999)
+    averaged.update_parameters(model)
+    with torch.no_grad():
+        model.weight.fill_(0.0)  # where training has taken them
+    for _ in range(300):
+        averaged.update_parameters(model)
+    assert abs(averaged.module.weight.item()) < 1e-6

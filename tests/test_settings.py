@@ -1,0 +1,132 @@
+"""Settings: a script's UPPER_CASE constants are its flags and defaults, its --help lists them with their comments,
+and a bad value, given as a flag or edited into a constant, is refused in one line (exit code 2) before any work.
+
+resnet_transfer.py's own settings (--backbone, --image-size, --weights) are tested in test_transfer.py.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import ann
+import cnn
+import common
+from conftest import SMALL, one_line, run_cli
+
+# ----------------------------------------------------------------------------------------------
+# Constants are flags
+
+
+def test_flags_override_constants_and_defaults_are_the_constants():
+    hp = common.parse_hparams(vars(cnn), ["--epochs", "3", "--lr", "0.5", "--flip", "--fc-width", "64"])
+    assert (hp.epochs, hp.lr, hp.flip, hp.fc_width) == (3, 0.5, True, 64)
+    assert hp.batch_size == cnn.BATCH_SIZE and hp.seed == cnn.SEED
+    defaults = vars(common.parse_hparams(vars(ann), []))
+    assert defaults == {
+        k.lower(): v for k, v in vars(ann).items() if k.isupper() and type(v) in (int, float, str, bool)
+    }
+
+
+def test_help_lists_every_constant_with_its_comment_and_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_hparams(vars(cnn), ["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in (
+        "EPOCHS",
+        "BATCH_SIZE",
+        "LR",
+        "WEIGHT_DECAY",
+        "DROPOUT",
+        "SEED",
+        "VAL_SIZE",
+        "DEVICE",
+        "DATA_DIR",
+        "OUT_DIR",
+    ):
+        assert "--" + name.lower().replace("_", "-") in text
+    epochs_line = next(line for line in Path(cnn.__file__).read_text().splitlines() if line.startswith("EPOCHS ="))
+    assert f"{epochs_line.split('# ', 1)[1]} (default: {cnn.EPOCHS})" in text
+
+
+def test_a_float_setting_keeps_a_float_flag_whatever_its_default_is_written_as():
+    hp = common.parse_hparams({"DROPOUT": 0, "LR": 1, "EPOCHS": 3}, ["--dropout", "0.3", "--lr", "0.05"])
+    assert (hp.dropout, hp.lr, hp.epochs) == (0.3, 0.05, 3) and type(hp.epochs) is int
+    assert type(common.parse_hparams({"DROPOUT": 0}, []).dropout) is float
+
+
+def test_tta_flip_without_flip_is_recorded_as_off(capsys):
+    hp = common.parse_hparams(vars(cnn), ["--tta-flip"])
+    assert hp.tta_flip is False and "--tta-flip is off because --flip is off" in capsys.readouterr().out
+    assert common.parse_hparams(vars(cnn), ["--tta-flip", "--flip"]).tta_flip is True
+
+
+def test_folder_flags_expand_the_tilde_like_a_shell(real_data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(ann, SMALL + ["--out-dir=~/runs"], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "~").exists()
+    assert len(list((tmp_path / "home" / "runs").iterdir())) == 1
+
+
+def test_the_largest_seed_trains(real_data_dir, tmp_path, capsys):
+    code, err = run_cli(ann, SMALL + ["--seed", str(2**64 - 1), "--out-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad values are refused before any work
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "two"], "--epochs"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "1"], "--batch-size"),  # BatchNorm cannot train on one image
+        (["--batch-size", "55001"], "--batch-size"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "-0.1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "fast"], "--lr"),
+        (["--weight-decay", "-1e-4"], "--weight-decay"),
+        (["--dropout", "1"], "--dropout"),
+        (["--dropout", "-0.1"], "--dropout"),
+        (["--val-size", "-1"], "--val-size"),
+        (["--val-size", "60000"], "--val-size"),
+        (["--seed", str(2**64)], "--seed"),  # torch's generators take seeds below 2**64
+        (["--seed", str(2**70)], "--seed"),
+        (["--device", "tpu"], "--device"),
+        (["--precision", "fp8"], "--precision"),
+        (["--fc-width", "0"], "--fc-width"),
+        (["--tta-shift", "-1"], "--tta-shift"),
+        (["--tta-shift", "5"], "--tta-shift"),
+        (["--tta-shift", "0.5"], "--tta-shift"),
+        (["--subset", "1000", "--val-size", "1000"], "--val-size"),
+        (["--no-such-flag", "1"], "--no-such-flag"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(argv, names, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "load_fashion_mnist", lambda *a: pytest.fail("data loaded despite a bad setting"))
+    code, err = run_cli(cnn, argv + ["--out-dir", str(tmp_path)], capsys)
+    assert code == 2
+    one_line(err, names)
+    assert not any(tmp_path.iterdir())  # no run folder either
+
+
+@pytest.mark.parametrize(
+    "constants, name",
+    [({"EPOCHS": 1e1}, "EPOCHS"), ({"FLIP": 1}, "FLIP"), ({"SEED": True}, "SEED"), ({"LR": "0.1"}, "LR")],
+)
+def test_a_constant_edited_to_the_wrong_type_is_refused_naming_it(constants, name):
+    with pytest.raises(common.UserError, match=rf"^{name} = .* is not allowed: make it"):
+        common.parse_hparams(constants, [])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_device_is_refused(capsys, tmp_path):
+    code, err = run_cli(ann, ["--device", "cuda", "--out-dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "no CUDA GPU" in err[0]
