@@ -78,8 +78,8 @@ SETTINGS = {
     "BACKBONE": (str, lambda v: v in ("resnet18", "resnet34", "resnet50"), "resnet18, resnet34 or resnet50"),
     "WEIGHTS": (
         expand_path,
-        lambda v: v in ("DEFAULT", "none") or Path(v).is_file(),
-        "DEFAULT, none, or the path of an existing state-dict file",
+        lambda v: v in ("DEFAULT", "none") or v.startswith("IMAGENET") or Path(v).is_file(),
+        "DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2, none, or the path of an existing state-dict file",
     ),
     "IMAGE_SIZE": (int, lambda v: 32 <= v <= 512, "an integer in [32, 512]: ResNets downsample 32x"),
     "FINETUNE": (bool, lambda v: True, "on or off"),
