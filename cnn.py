@@ -99,7 +99,7 @@ def main(argv=None):
             model.parameters(),
             lr=hp.lr,
             momentum=hp.momentum,
-            nesterov=True,
+            nesterov=hp.momentum > 0,  # Nesterov momentum needs a momentum to look ahead with
             weight_decay=hp.weight_decay,
             fused=True,  # one kernel updates every parameter: faster steps than the default
         )

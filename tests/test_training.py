@@ -128,6 +128,12 @@ def test_val_size_zero_trains_on_everything(real_data_dir, out_dir):
     assert json.loads((run_dir / "metrics.json").read_text())["history"][0]["val_acc"] is None
 
 
+def test_cnn_trains_with_momentum_zero_as_its_settings_allow(real_data_dir, out_dir):
+    """MOMENTUM allows 0, where SGD's Nesterov variant would refuse to run: plain SGD then."""
+    final = cnn.main(SMALL + ["--momentum", "0", "--lr", "0.05", "--out-dir", str(out_dir)])
+    assert 0.3 < final["test_acc"] <= 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning-rate schedule and the weight average
 
