@@ -196,9 +196,10 @@ def main(argv=None):
         backbone, weights_id, mean, std = load_backbone(hp.backbone, hp.weights, hp.seed)
         if hp.weights == "none":
             print(
-                "NOTE: --weights none: the backbone is random, so this is not transfer learning. A random ResNet-50's "
-                "features carry nothing a head can use (10.00% test, chance); for an offline dry run that learns "
-                "something: --weights none --backbone resnet18 --image-size 32 --subset 10000 --epochs 10"
+                "NOTE: --weights none: the backbone is random, so this is not transfer learning. A random ResNet-50 "
+                "gives its head little to learn from (about 26% test in fp32; in bf16 the head falls to chance, "
+                "10%). An offline dry run that learns something (about 74% in a minute on 2 cores): "
+                "--weights none --backbone resnet18 --image-size 32 --subset 10000 --epochs 10"
             )
         run.record.update(backbone=hp.backbone, weights=weights_id, image_size=hp.image_size)
         backbone = backbone.to(run.device, memory_format=torch.channels_last)

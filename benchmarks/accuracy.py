@@ -81,7 +81,7 @@ def measured_on(m):
     return f"Measured {m['date']} on {m['gpu'] or m['cpu']} ({m['threads']} threads{bf16}), torch {m['torch']}."
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -90,7 +90,8 @@ def main():
     parser.add_argument("--epochs-grid", nargs="+", type=int, default=[], help="epoch counts to time (all seeds)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
-    args, passed_on = parser.parse_known_args()
+    args, passed_on = parser.parse_known_args(argv)
+    plumbing.writable_folder(args.results, "--results")  # checked now, not after hours of training
     extra = (QUICK if args.quick else []) + passed_on
     results = {"machine": machine(), "quick": args.quick, "seeds": args.seeds, "flags": " ".join(passed_on)}
     results.update(scripts={}, ablation={}, epochs_grid={})
@@ -180,4 +181,4 @@ def markdown(results):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(plumbing.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import cnn  # noqa: E402
+import plumbing  # noqa: E402
 
 
 class AmaxPool(nn.Module):
@@ -75,12 +76,14 @@ def matmul_flops(dtype):
     return statistics.median(rates)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        raise plumbing.UserError("--steps and --repeats take a count of at least 1")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     rates = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
@@ -98,4 +101,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(plumbing.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up

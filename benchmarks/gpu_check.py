@@ -41,21 +41,18 @@ SMOKE = ["--subset", "300", "--val-size", "60", "--batch-size", "60", "--epochs"
 TRANSFER = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32"]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny runs on any device: checks the pipeline only")
     parser.add_argument("--device", default="auto", help="as the scripts' --device (default: auto)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="results go here")
     parser.add_argument("--runs", type=Path, help="the run folders go here (default: gpu_check_runs in --results)")
-    args = parser.parse_args()
-    try:
-        device = plumbing.resolve_device(args.device)
-        results_dir = plumbing.writable_folder(args.results, "--results")
-        runs_dir = plumbing.writable_folder(args.runs or results_dir / "gpu_check_runs", "--runs")
-    except plumbing.UserError as error:
-        raise SystemExit(f"gpu_check.py: error: {error}") from None
+    args = parser.parse_args(argv)
+    device = plumbing.resolve_device(args.device)
+    results_dir = plumbing.writable_folder(args.results, "--results")
+    runs_dir = plumbing.writable_folder(args.runs or results_dir / "gpu_check_runs", "--runs")
     if device.type != "cuda" and not args.smoke:
-        raise SystemExit("gpu_check.py: error: no CUDA GPU here; use --smoke for the pipeline check on this device")
+        raise plumbing.UserError("no CUDA GPU here; use --smoke for the pipeline check on this device")
     short, full = (SMOKE, SMOKE) if args.smoke else (SHORT, [])
     flags = ["--device", args.device, "--out-dir", str(runs_dir)]
     rows = []
@@ -224,4 +221,4 @@ def markdown(device, rows):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(plumbing.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up

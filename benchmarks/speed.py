@@ -39,6 +39,7 @@ from accuracy import machine, measured_on  # noqa: E402
 import ann  # noqa: E402
 import cnn  # noqa: E402
 import common  # noqa: E402
+import plumbing  # noqa: E402
 import resnet_transfer  # noqa: E402
 
 SCRIPTS = {"ann": ann, "cnn": cnn}
@@ -307,14 +308,17 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny runs: checks the pipeline, measures nothing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=300, help="seconds the reference may train per target")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        raise plumbing.UserError("--repeats takes a count of at least 1")
+    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
     device = common.resolve_device(args.device)
     results = {"machine": machine(), "quick": args.quick, "throughput": {}, "time_to_accuracy": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -338,4 +342,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(plumbing.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up

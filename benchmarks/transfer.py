@@ -32,13 +32,14 @@ import torch  # noqa: E402
 from accuracy import machine, measured_on  # noqa: E402
 
 import common  # noqa: E402
+import plumbing  # noqa: E402
 import resnet_transfer  # noqa: E402
 
 QUICK = ["--subset", "300", "--val-size", "60", "--epochs", "1", "--batch-size", "60"]
 N_IMAGES = 70_000
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 96, 128], help="image sizes, pixels")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
@@ -50,7 +51,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny runs: checks the pipeline, measures nothing")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     parser.add_argument("--cache-dir", type=Path, help="feature caches (default: a temporary folder)")
-    args, passed_on = parser.parse_known_args()
+    args, passed_on = parser.parse_known_args(argv)
+    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
     if args.quick:
         args.sizes, args.timing_images = [32], 16
     device = common.resolve_device(args.device)
@@ -141,4 +143,4 @@ def markdown(results):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(plumbing.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up

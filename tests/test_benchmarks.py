@@ -4,9 +4,14 @@ They check the shape of the outputs, never a speed or an accuracy: those are mea
 """
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
 
 from conftest import ROOT
 
@@ -82,3 +87,42 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(real_data_dir, tmp_path):
     assert rows["cnn.py short, --precision fp16"]["precision"] == "fp16"
     assert all(0 <= row["test_acc"] <= 1 and row["epochs"] == 1 for row in rows.values() if "test_acc" in row)
     assert "| python" not in (tmp_path / "gpu_check.md").read_text()  # smoke rows are named as such
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["cnn_step.py", "--repeats", "0"], "--steps and --repeats take a count of at least 1"),
+        (["accuracy.py", "--quick", "--lr", "nan"], "--lr (LR) = nan is not allowed"),
+        (["speed.py", "--quick", "--results", "README.md"], "--results README.md is a file, not a folder"),
+    ],
+)
+def test_a_bad_benchmark_setting_is_one_line_and_exit_code_2(argv, words):
+    """Checked before any measurement: a bad --results no longer loses the results after the work."""
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{argv[0]}", *argv[1:]], cwd=ROOT, capture_output=True, text=True
+    )
+    (line,) = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and line.startswith(f"{argv[0]}: error: {words}")
+
+
+def test_a_stopped_speed_benchmark_leaves_no_copy_of_the_dataset(real_data_dir, tmp_path):
+    """SIGTERM while speed.py trains on its torchvision-layout copy of the data: the copy goes with it."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "benchmarks/speed.py", "--quick", "--results", str(tmp_path / "results")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/tv/FashionMNIST/raw/t10k-labels-idx1-ubyte")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-1000:]
+    assert err.strip().splitlines()[-1] == "speed.py: stopped by SIGTERM"
+    assert not list(tmp_path.rglob("*-ubyte*"))  # torch's own caches in TMPDIR may stay; the data copy may not
