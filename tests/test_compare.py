@@ -1,9 +1,11 @@
-"""compare.py over a folder of runs: runs differing only in their seed form a group, each difference between
-groups is judged against the seed spread, and broken or foreign folders and an unwritable figure are named
-on stderr without stopping the table.
+"""compare.py over a folder of runs: runs differing only in their seed form a group; repeats of a seed count once;
+each group's validation accuracy is judged against the reference group's with a paired t-test on shared seeds, else
+Welch's; broken or foreign folders, NaN accuracies and an unwritable figure are named on stderr without stopping the
+table, which fits in 120 columns.
 """
 
 import json
+import math
 
 import pytest
 
@@ -13,11 +15,34 @@ import compare
 from conftest import one_line, png_size
 
 
-def fake_record(seed, test_acc, lr=0.1):
-    history = [{"epoch": e, "val_acc": test_acc - 0.01 * (3 - e)} for e in (1, 2, 3)]
-    final = {"test_acc": test_acc, "val_acc": test_acc + 0.005, "seconds": 60.0}
-    hparams = {"LR": lr, "SEED": seed, "EPOCHS": 3}
-    return {"script": "cnn", "status": "completed", "hparams": hparams, "history": history, "final": final}
+def fake_record(seed, test_acc, lr=0.1, val_acc=None, script="cnn", **hparams):
+    """What compare.py reads of a completed run; validation accuracy 0.5 points above test unless given."""
+    val_acc = test_acc + 0.005 if val_acc is None else val_acc
+    history = [{"epoch": e, "val_acc": val_acc - 0.01 * (3 - e)} for e in (1, 2, 3)]
+    final = {"test_acc": test_acc, "val_acc": val_acc, "seconds": 60.0}
+    hparams = {"LR": lr, "SEED": seed, "EPOCHS": 3, **hparams}
+    return {"script": script, "status": "completed", "hparams": hparams, "history": history, "final": final}
+
+
+def write_runs(folder, records):
+    """One run folder per record, started in this order."""
+    folder.mkdir(exist_ok=True)
+    for i, record in enumerate(records):
+        record = {**record, "started": f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}"}
+        (folder / f"run-{i:03d}").mkdir()
+        (folder / f"run-{i:03d}" / "metrics.json").write_text(json.dumps(record))
+
+
+def compare_out(folder, capsys, *flags):
+    """(stdout lines, stderr lines) of a successful `compare.py --out-dir folder`."""
+    assert common.run_main(compare.main, ["--out-dir", str(folder), *flags]) == 0
+    out, err = capsys.readouterr()
+    return out.splitlines(), err.strip().splitlines()
+
+
+def rows(lines):
+    """{group letter: table row} of compare.py's output (the table ends at the first empty line)."""
+    return {line.split()[0]: line for line in lines[1 : lines.index("")]}
 
 
 def test_compare_groups_seeds_and_survives_broken_folders(ann_run, tmp_path, capsys):
@@ -44,41 +69,121 @@ def test_compare_groups_seeds_and_survives_broken_folders(ann_run, tmp_path, cap
     (runs / "ann-20260101-000300" / "metrics.json").write_text('{"script": "ann", "hist')  # half-written
     (runs / "notes").mkdir()  # a foreign folder
 
-    code = common.run_main(compare.main, ["--out-dir", str(runs)])
-    out, err = capsys.readouterr()
-    assert code == 0
-    lines = out.strip().splitlines()
+    lines, err = compare_out(runs, capsys)
     assert lines[0].split()[:3] == ["group", "script", "n"]
-    rows = {line.split()[0]: line for line in lines[1:3]}
-    assert rows["A"].split()[:3] == ["A", "ann", "2"] and f"lr={ann.LR}" in rows["A"]  # two seeds, one group
-    assert rows["B"].split()[:3] == ["B", "ann", "1"] and "lr=0.01" in rows["B"] and "50.00% (n=1" in rows["B"]
-    assert "noise unknown" in rows["B"] and "seed" not in lines[0]
-    assert "batch_size" not in out  # equal in every run, so not shown
-    assert "cnn-20260101-000200 (interrupted)" in lines[3]
-    assert "ann-20260101-000300" in err and "notes" in err
+    table = rows(lines)
+    assert table["A"].split()[:3] == ["A", "ann", "2"]  # two seeds, one group
+    assert table["B"].split()[:3] == ["B", "ann", "1"] and "50.00" in table["B"] and "no verdict (n=1" in table["B"]
+    assert "seed" not in lines[0]
+    legend = {line.split()[0]: line for line in lines[len(table) + 2 : len(table) + 4]}
+    assert f"lr={ann.LR}" in legend["A"] and "seeds 0,7" in legend["A"] and "lr=0.01" in legend["B"]
+    assert "batch_size" not in "\n".join(lines)  # equal in every run, so not shown
+    assert any("cnn-20260101-000200 (interrupted)" in line for line in lines)
+    assert any("ann-20260101-000300" in line for line in err) and any("notes" in line for line in err)
     assert png_size(runs / "compare.png") == (1100, 500)
 
 
 @pytest.mark.parametrize(
     "b_accuracies, expected",
     [
-        ([0.925, 0.926, 0.924], "larger than the seed spread"),  # 2 points apart, spread 0.1
-        ([0.905, 0.915, 0.897], "within the seed spread"),  # 0.1 apart, spread about 0.9
-        ([0.93], "noise unknown"),
+        ([0.925, 0.926, 0.924], "(paired t, n=3): beyond seed noise"),  # 2 points apart on each seed
+        ([0.905, 0.915, 0.897], "(paired t, n=3): within seed noise"),  # 0.1 apart, spread about 0.9
+        ([0.93], "no verdict (n=1"),
     ],
 )
-def test_compare_says_whether_a_difference_is_beyond_the_seed_spread(b_accuracies, expected, tmp_path, capsys):
+def test_compare_says_whether_a_difference_is_beyond_the_seed_noise(b_accuracies, expected, tmp_path, capsys):
+    """Updated from the old verdict on test accuracy in "%" ("larger than the seed spread", 2 SE): the verdict is
+    now on validation accuracy, in points, by a t-test, and n = 1 gets none."""
     records = [fake_record(seed, acc) for seed, acc in enumerate([0.905, 0.906, 0.904], 1)]
     records += [fake_record(seed, acc, lr=0.05) for seed, acc in enumerate(b_accuracies, 1)]
-    for i, record in enumerate(records):
-        record["started"] = f"2026-01-01T00:00:{i:02d}"
-        (tmp_path / f"cnn-{i}").mkdir()
-        (tmp_path / f"cnn-{i}" / "metrics.json").write_text(json.dumps(record))
-    assert common.run_main(compare.main, ["--out-dir", str(tmp_path)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert "90.50% ± 0.10%" in lines[1] and lines[1].rstrip().endswith("reference")
-    assert lines[2].split()[:3] == ["B", "cnn", str(len(b_accuracies))] and "lr=0.05" in lines[2]
-    assert "vs A:" in lines[2] and expected in lines[2]
+    write_runs(tmp_path / "runs", records)
+    lines, _ = compare_out(tmp_path / "runs", capsys)
+    assert "91.00 ± 0.10  90.50 ± 0.10" in lines[1] and lines[1].rstrip().endswith("reference")  # val, then test
+    assert lines[2].split()[:3] == ["B", "cnn", str(len(b_accuracies))] and lines[2 + 3].startswith("B  cnn, lr=0.05")
+    assert "vs A" in lines[0] and expected in lines[2] and " pt" in lines[2] and "%" not in lines[2]
+
+
+def val_gain_records(b_seeds):
+    """A: validation 90.0, 91.0, 89.0 on seeds 1-3 (spread 1 point); B: 0.3-0.4 points above on each, run
+    with `b_seeds`. Test accuracy says the opposite, so a verdict read from it would show."""
+    a = [fake_record(s, 0.90, val_acc=v) for s, v in zip((1, 2, 3), (0.900, 0.910, 0.890), strict=True)]
+    b_val = (0.9030, 0.9140, 0.8935)
+    b = [fake_record(s, 0.85, lr=0.05, val_acc=v) for s, v in zip(b_seeds, b_val, strict=True)]
+    return a + b
+
+
+def test_a_consistent_small_gain_on_shared_seeds_is_real_by_the_paired_test(tmp_path, capsys):
+    write_runs(tmp_path / "runs", val_gain_records((1, 2, 3)))
+    b = rows(compare_out(tmp_path / "runs", capsys)[0])["B"]
+    assert "+0.35 ± 0.12 pt (paired t, n=3): beyond seed noise" in b  # t(2) = 4.30 times a standard error of 0.029
+
+
+def test_the_same_gain_on_different_seeds_is_not_real_by_welch(tmp_path, capsys):
+    write_runs(tmp_path / "runs", val_gain_records((4, 5, 6)))
+    b = rows(compare_out(tmp_path / "runs", capsys)[0])["B"]
+    assert "+0.35 ±" in b and "(Welch t, n=3+3): within seed noise" in b
+
+
+def test_one_shared_seed_is_compared_unpaired(tmp_path, capsys):
+    write_runs(tmp_path / "runs", val_gain_records((1, 5, 6)))
+    assert "(Welch t, n=3+3)" in rows(compare_out(tmp_path / "runs", capsys)[0])["B"]
+
+
+@pytest.mark.parametrize(
+    "df, t", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (10, 2.228), (30, 2.042), (120, 1.980)]
+)
+def test_t_critical_values_are_the_published_two_sided_95_percent_ones(df, t):
+    assert compare.t_critical(df) == pytest.approx(t, abs=5e-4)
+
+
+def test_t_critical_between_whole_degrees_of_freedom_and_in_the_normal_limit():
+    """Welch gives fractional degrees of freedom: the value lies between its neighbours."""
+    assert compare.t_critical(3) > compare.t_critical(3.5) > compare.t_critical(4)
+    assert compare.t_critical(1e7) == pytest.approx(1.95996, abs=1e-4)
+    assert compare.t_two_sided_p(2.228, 10) == pytest.approx(0.05, abs=1e-4)
+
+
+def test_a_single_seed_gets_no_verdict_and_no_spread(tmp_path, capsys):
+    write_runs(tmp_path / "runs", [fake_record(1, 0.90), fake_record(1, 0.95, lr=0.05)])
+    lines, _ = compare_out(tmp_path / "runs", capsys)
+    b = rows(lines)["B"]
+    assert "no verdict (n=1" in b and "±" not in b and "seed noise" not in b
+
+
+def test_a_copied_run_folder_changes_nothing(tmp_path, capsys):
+    """Repeats of a seed with the same settings are one value, not spread: copying every run of A leaves the table
+    as it was, and a copied single run still has no spread."""
+    records = val_gain_records((4, 5, 6))
+    write_runs(tmp_path / "once", records)
+    write_runs(tmp_path / "copied", records + records[:3])
+    once, copied = (rows(compare_out(tmp_path / name, capsys)[0]) for name in ("once", "copied"))
+    assert once == copied and copied["A"].split()[2] == "3"
+    b = [fake_record(s, 0.91 + s / 100, lr=0.05) for s in (1, 2, 3)]
+    write_runs(tmp_path / "single", [fake_record(1, 0.90)] * 2 + b)
+    lines, _ = compare_out(tmp_path / "single", capsys)
+    table = rows(lines)
+    assert "± 0.00" not in "\n".join(lines) and table["A"].split()[2] == "1" and "no verdict" in table["B"]
+    assert any(line.startswith("A  cnn, lr=0.1; seeds 1(×2)") for line in lines)
+
+
+def test_repeats_of_a_seed_are_averaged(tmp_path, capsys):
+    """Seed 1 twice (validation 90.5 and 92.5) and seed 2 once (94.5): two values, 91.5 and 94.5."""
+    records = [fake_record(1, 0.90), fake_record(1, 0.92), fake_record(2, 0.94)]
+    write_runs(tmp_path / "runs", records)
+    assert rows(compare_out(tmp_path / "runs", capsys)[0])["A"].split()[2:7] == ["2", "93.00", "±", "2.12", "92.50"]
+
+
+def test_nan_or_missing_accuracies_are_skipped_and_named(tmp_path, capsys):
+    good = [fake_record(s, 0.90 + s / 1000) for s in (1, 2, 3)]
+    nan_val, nan_test, no_val = fake_record(4, 0.90), fake_record(5, 0.90), fake_record(6, 0.9)
+    nan_val["final"]["val_acc"], nan_test["final"]["test_acc"] = math.nan, math.inf
+    no_val["final"]["val_acc"] = None  # a run with --val-size 0 has nothing to judge
+    write_runs(tmp_path / "runs", good + [nan_val, nan_test, no_val])
+    lines, err = compare_out(tmp_path / "runs", capsys)
+    table = rows(lines)
+    assert list(table) == ["A"] and table["A"].split()[2:4] == ["3", "90.70"] and "nan" not in table["A"]
+    assert [line.split()[2] for line in err] == ["run-003:", "run-004:", "run-005:"]
+    assert "val_acc is nan" in err[0] and "test_acc is inf" in err[1] and "val_acc is None" in err[2]
 
 
 def test_compare_skips_malformed_records_and_still_prints_the_table(tmp_path, capsys):
@@ -98,16 +203,17 @@ def test_compare_skips_malformed_records_and_still_prints_the_table(tmp_path, ca
         "ann-final-text": {**good, "final": {"test_acc": "0.9"}},
         "ann-started-number": {**good, "started": 20260101},
         "ann-no-test-acc": {**good, "final": {"val_acc": 0.9}},
+        "ann-not-a-dict": [good],
     }
     for name, record in records.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(record))
-    code = common.run_main(compare.main, ["--out-dir", str(tmp_path)])
-    out, err = capsys.readouterr()
-    assert code == 0 and out.splitlines()[1].split()[:3] == ["A", "ann", "1"]  # the good run, alone in the table
-    err = err.strip().splitlines()
-    assert len(err) == 6 and all(line.startswith("warning: skipping ann-") for line in err)
-    assert {line.split()[2].rstrip(":") for line in err} == set(records) - {"ann-good"}  # each bad one, named
+    (tmp_path / "ann-deep").mkdir()  # json.loads raises RecursionError on this
+    (tmp_path / "ann-deep" / "metrics.json").write_text("[" * 200_000 + "]" * 200_000)
+    lines, err = compare_out(tmp_path, capsys)
+    assert lines[1].split()[:3] == ["A", "ann", "1"]  # the good run, alone in the table
+    assert len(err) == 8 and all(line.startswith("warning: skipping ann-") for line in err)
+    assert {line.split()[2].rstrip(":") for line in err} == set(records) - {"ann-good"} | {"ann-deep"}  # each named
     assert png_size(tmp_path / "compare.png") == (1100, 500)
 
 
@@ -125,3 +231,72 @@ def test_compare_prints_the_table_when_the_figure_cannot_be_saved(tmp_path, caps
     out, err = capsys.readouterr()
     assert code == 0 and out.splitlines()[1].split()[:3] == ["A", "ann", "1"]
     one_line(err.strip().splitlines(), "compare.png not saved", "Permission denied")
+
+
+def drawn_figures(monkeypatch):
+    """The figures compare.main draws, kept for a look at their legend and axes."""
+    figures, draw = [], compare.plot
+    monkeypatch.setattr(compare, "plot", lambda *args: figures.append(draw(*args)))
+    return figures
+
+
+def test_the_figure_names_each_groups_settings_and_has_whole_epochs(tmp_path, capsys, monkeypatch):
+    figures = drawn_figures(monkeypatch)
+    write_runs(tmp_path, [fake_record(s, 0.9, dropout=d) for d in (0.1, 0.3) for s in (1, 2)])
+    compare_out(tmp_path, capsys)
+    (ax,) = figures[0].axes
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == ["A: cnn, dropout=0.1, n=2", "B: cnn, dropout=0.3, n=2"]
+    assert all(tick == int(tick) for tick in ax.get_xticks())
+    assert png_size(tmp_path / "compare.png") == (1100, 500)
+
+
+def test_a_dollar_sign_in_a_script_name_or_setting_is_drawn_as_text(tmp_path, capsys, monkeypatch):
+    figures = drawn_figures(monkeypatch)
+    records = [fake_record(s, 0.9, script="$\\foo$", MODE="$x^$") for s in (1, 2)]
+    write_runs(tmp_path, records + [fake_record(s, 0.9, script="$\\foo$", MODE="$\\bar{") for s in (1, 2)])
+    lines, err = compare_out(tmp_path, capsys)
+    assert rows(lines)["A"].split()[1] == "$\\foo$" and err == []
+    legend = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
+    assert legend[0] == "A: $\\foo$, mode=$x^$, n=2"
+    assert png_size(tmp_path / "compare.png") == (1100, 500)
+
+
+def test_reference_picks_the_group_the_others_are_compared_against(tmp_path, capsys):
+    write_runs(tmp_path, val_gain_records((1, 2, 3)))
+    lines, _ = compare_out(tmp_path, capsys, "--reference", "B")
+    table = rows(lines)
+    assert "vs B" in lines[0] and table["B"].endswith("reference")
+    assert "-0.35 ± 0.12 pt (paired t, n=3): beyond seed noise" in table["A"]
+    assert common.run_main(compare.main, ["--out-dir", str(tmp_path), "--reference", "C"]) == 2
+    one_line(capsys.readouterr().err.strip().splitlines(), "--reference C", "A, B")
+
+
+def test_four_groups_differing_in_four_settings_fit_in_120_columns(tmp_path, capsys):
+    """The settings that differ go to a legend below the table, one wrapped line per group."""
+    settings = {"DROPOUT": 0.3, "LABEL_SMOOTHING": 0.1, "WEIGHT_DECAY": 0.0005, "EMA_DECAY": 0.999}
+    other = {"EPOCHS": 30, "BATCH_SIZE": 256, "MAX_SHIFT": 1, "FLIP": True, "VAL_SIZE": 5000, "PRECISION": "auto"}
+    variants = [{}, {"DROPOUT": 0.5}, {"LABEL_SMOOTHING": 0.05, "EMA_DECAY": 0.9995}, {"WEIGHT_DECAY": 0.00005}]
+    records = []
+    for g, variant in enumerate(variants):
+        for seed in (1, 2, 3):
+            hparams = {**other, **settings, **variant}
+            records.append(fake_record(seed, 0.9312 + g / 1000 + seed / 300, **hparams))
+    write_runs(tmp_path, records)
+    lines, _ = compare_out(tmp_path, capsys)
+    shown = lines[: next(i for i, line in enumerate(lines) if line.startswith("validation curves:"))]
+    assert max(len(line) for line in shown) <= 120, "\n".join(shown)
+    assert len(rows(lines)) == 4 and all("seed noise" in row for row in list(rows(lines).values())[1:])
+    legend = lines[6:10]
+    assert [line[:3] for line in legend] == ["A  ", "B  ", "C  ", "D  "]
+    differing = ("dropout=", "label_smoothing=", "ema_decay=", "weight_decay=")
+    assert all(name in line for line in legend for name in differing)
+    assert "epochs=" not in "\n".join(legend) and "lr=" not in "\n".join(legend)  # the same in every group
+
+
+def test_help_describes_the_script_in_a_complete_sentence(capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    out = capsys.readouterr().out
+    description = compare.__doc__.strip().split("\n")[0]
+    assert description.endswith(".") and description in " ".join(out.split()) and "--reference REFERENCE" in out
