@@ -29,6 +29,7 @@ from plumbing import (  # noqa: F401  (re-exported for the scripts)
     Diverged,
     UserError,
     atomic_write,
+    check_recorded,
     check_state_dict,
     deterministic_cudnn,
     device_name,
@@ -501,7 +502,8 @@ def plot_misclassified(images, labels, logits, path, count=24):
     fig = Figure(figsize=(12, 9), dpi=100)
     for k, i in enumerate(wrong.tolist()):
         ax = fig.add_subplot(4, 6, k + 1)
-        ax.imshow(images[i].float().mean(0).numpy(), cmap="gray_r")
+        # Light on black over the full 0-255 range: as the model sees it, and as predict.py's figure shows it.
+        ax.imshow(images[i].float().mean(0).numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predicted[i]]} ({confidence[i]:.0%})", fontsize=8)
         ax.axis("off")
     fig.suptitle(f"{len(wrong)} most confident mistakes of {int((predicted != labels).sum())}")

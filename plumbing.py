@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import re
+import reprlib
 import signal
 import sys
 import tempfile
@@ -86,7 +87,11 @@ SETTINGS = {
     "EXTRACT_BATCH": (int, lambda v: v >= 1, "an integer >= 1"),
     "SCRIPT": (str, lambda v: v in ("", "ann", "cnn", "resnet_transfer"), "ann, cnn, resnet_transfer or empty"),
     "LAST": (int, lambda v: v >= 0, "an integer >= 0 (0 = all)"),
-    "OUT": (expand_path, lambda v: Path(v).suffix.lower() in (".png", ".pdf", ".svg"), "a .png, .pdf or .svg file"),
+    "OUT": (
+        expand_path,
+        lambda v: v == "" or Path(v).suffix.lower() in (".png", ".pdf", ".svg"),
+        "a .png, .pdf or .svg file",
+    ),
     "RAW": (bool, lambda v: True, "on or off"),
     "FIGURE_IMAGES": (int, lambda v: v >= 1, "an integer >= 1"),
     "TEST": (bool, lambda v: True, "on or off"),
@@ -108,6 +113,12 @@ def _comments(source):
     return {name: comment.strip() for name, comment in pattern.findall(source)}
 
 
+def _has_type(value, kind):
+    """Whether value is of a setting's type: an int is a float too, but True is no number, and paths are strings."""
+    expected = {int: int, float: (int, float), bool: bool}.get(kind, str)
+    return isinstance(value, expected) and (type(value) is not bool or kind is bool)
+
+
 def _constants(namespace, script):
     """{NAME: (type, default)} of the script's settings; a constant of the wrong type is refused."""
     constants = {}
@@ -115,20 +126,20 @@ def _constants(namespace, script):
         if not name.isupper() or type(value) not in (int, float, str, bool):
             continue
         kind = SETTINGS.get(name, (type(value),))[0]
-        expected = {int: int, float: (int, float), bool: bool}.get(kind, str)
-        if type(value) is bool and kind is not bool or not isinstance(value, expected):
+        if not _has_type(value, kind):
             wanted = {int: "an integer", float: "a number", bool: "True or False"}.get(kind, "a string")
             raise UserError(f"{name} = {value!r} in {script} is not allowed: make it {wanted}")
         constants[name] = (kind, float(value) if kind is float else value)
     return constants
 
 
-def parse_hparams(namespace, argv=None, positionals=()):
+def parse_hparams(namespace, argv=None, positionals=(), intermixed=False):
     """The script's UPPER_CASE constants as flags (EPOCHS -> --epochs); returns the values by name (hp.epochs).
 
     `namespace` is the script's globals(): the constants are the defaults and their trailing comments the
-    help. `positionals` are (name, argparse keywords) of arguments that come before the flags. Every value
-    is checked against SETTINGS before any work starts.
+    help. `positionals` are (name, argparse keywords) of arguments that come before the flags, or anywhere
+    among them with `intermixed` (argparse otherwise stops filling a nargs="*" positional at the first flag).
+    Every value is checked against SETTINGS before any work starts.
     """
     script = Path(namespace.get("__file__", "script")).name
     helps = _comments(Path(namespace["__file__"]).read_text()) if "__file__" in namespace else {}
@@ -141,7 +152,7 @@ def parse_hparams(namespace, argv=None, positionals=()):
             parser.add_argument(_flag(name), default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(_flag(name), default=default, type=kind, metavar=name, help=help_text)
-    hp = parser.parse_args(argv)
+    hp = parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv)
     for name, value in vars(hp).items():
         _, ok, allowed = SETTINGS.get(name.upper(), (None, lambda v: True, ""))
         if not ok(value):
@@ -151,6 +162,24 @@ def parse_hparams(namespace, argv=None, positionals=()):
         hp.tta_flip = False  # recorded as it runs: mirrored images mislead a model never trained on them
         print(f"{script}: note: --tta-flip is off because --flip is off (the model never sees mirrored images)")
     return hp
+
+
+def check_recorded(values, names, optional=()):
+    """The settings `names` (and those of `optional` that are there) from `values`, the {NAME: value} a run's
+    record keeps, checked against SETTINGS as their flags are: returned by name (hp.dropout), or a UserError
+    naming the first one that is missing, of the wrong type or not allowed."""
+    checked = {}
+    for name in (*names, *optional):
+        if name not in values:
+            if name in names:
+                raise UserError(f"{name} is missing")
+            continue
+        kind, ok, allowed = SETTINGS[name]
+        value = values[name]
+        if not _has_type(value, kind) or not ok(value):
+            raise UserError(f"{name} = {reprlib.repr(value)} is not allowed: it must be {allowed}")
+        checked[name.lower()] = float(value) if kind is float else value
+    return argparse.Namespace(**checked)
 
 
 def _check_split(hp):

@@ -8,11 +8,15 @@ from model.pt (loaded with weights_only=True: nothing is unpickled), the normali
 and the same test-time augmentation as the run's test evaluation. Photos are prepared the way Fashion-MNIST
 itself was made (Xiao et al. 2017, section 2): grey, the background trimmed, the longest edge resized to
 28 px, centred on a 28x28 canvas, and inverted when the background is light, so the item is light on black.
-predictions.png shows, for each image, the 28x28 input the model saw beside its ten class probabilities.
+predictions.png (in the run folder unless --out says otherwise) shows, for each image, the 28x28 input the model
+saw beside its ten class probabilities.
 """
 
-import argparse
 import json
+import math
+import os
+import stat
+import struct
 import sys
 from pathlib import Path
 
@@ -26,7 +30,9 @@ import common
 import resnet_transfer
 
 # --- Settings: each one is also a flag (OUT -> --out).
-OUT = "predictions.png"  # the figure: each input as the model saw it, beside its ten class probabilities
+OUT = (
+    ""  # the figure (.png, .pdf, .svg) of each input as the model saw it and its probabilities ("" = in the run folder)
+)
 FIGURE_IMAGES = 16  # the figure shows the first N images: more rows than about 16 are too small to read
 RAW = False  # the images are already 28x28 Fashion-MNIST style (light item on black): use them as they are
 TEST = False  # instead of images, evaluate the model on the official test set and print its accuracy
@@ -34,16 +40,51 @@ DEVICE = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 DATA_DIR = ""  # folder with the Fashion-MNIST files, for --test ("" = as the training scripts search)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+# Pillow picks its reader from a file's content, not its name: a PostScript file named shirt.png would go to
+# Ghostscript. Only these readers are ever used.
+FORMATS = ["PNG", "JPEG", "BMP", "WEBP"]
+# What Pillow's readers raise on a damaged file besides OSError: a broken PNG chunk is a SyntaxError, an
+# unsupported variant a NotImplementedError, a cut header struct.error, IndexError, TypeError or ValueError.
+READ_ERRORS = (OSError, EOFError, SyntaxError, NotImplementedError, struct.error, IndexError, TypeError, ValueError)
 MODELS = {
     "ann": lambda hp: ann.ANN(hp.dropout),
     "cnn": lambda hp: cnn.CNN(hp.fc_width, hp.dropout),
     "resnet_transfer": lambda hp: resnet_transfer.Head(resnet_transfer.FEATURES[hp.backbone], hp.dropout),
 }
+# The settings of each script's record that rebuilding its model reads (PRECISION: the one the run computed in).
+RECORDED = {
+    "ann": ("DROPOUT", "TTA_FLIP", "SUBSET", "PRECISION"),
+    "cnn": ("DROPOUT", "FC_WIDTH", "TTA_FLIP", "SUBSET", "PRECISION"),
+    "resnet_transfer": ("BACKBONE", "WEIGHTS", "IMAGE_SIZE", "FINETUNE", "DROPOUT", "SEED", "SUBSET", "PRECISION"),
+}
+OPTIONAL = ("TTA_SHIFT",)  # ann.py has none, and cnn.py runs from before it had one evaluated without it
+
+
+def shown(path):
+    """A file name as it can be printed and drawn: bytes that are not UTF-8 as \\xff, other characters that
+    cannot be shown (a newline, say) escaped too, so that every message stays one line."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def grey_levels(image):
+    """The image's grey levels, float32 in 0-255. convert("L") would clip deeper images at 255 and lose the
+    item: 16-bit ones are scaled (65535 -> 255); 32-bit integer and float ones are read as 8-bit levels if they
+    fit 0-255, as 16-bit ones (how older Pillows open 16-bit PNGs) if they fit 0-65535, else by their own range."""
+    if image.mode.startswith("I;16"):
+        return np.asarray(image, dtype=np.float32) / 257
+    if image.mode not in ("I", "F"):
+        return np.asarray(image.convert("L"), dtype=np.float32)
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    low, high = float(values.min()), float(values.max())
+    if low >= 0 and high <= 65535:
+        return (values if high <= 255 else values / 257).astype(np.float32)
+    return ((values - low) * (255 / max(high - low, 1))).astype(np.float32)
 
 
 def prepare_photo(image):
     """A photo (PIL, any size) as a 28x28 uint8 array in Fashion-MNIST's style: light item on black."""
-    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    grey = grey_levels(image)
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     background = float(np.median(border))
     item = np.abs(grey - background) > 0.05 * 255  # the paper trims what is within 5% of the corners' colour
@@ -73,31 +114,40 @@ def image_paths(arguments):
     return paths
 
 
+def read_image(path):
+    """(the image in the file at path, decoded and upright, None), or (None, why the file cannot be used)."""
+    try:
+        # Only regular files are opened: a FIFO would block until something writes to it, a device never end.
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None, "not a regular file (a folder, pipe or device), so not opened"
+        with Image.open(path, formats=FORMATS) as image:
+            image.load()
+            if 0 in image.size:
+                return None, "has no pixels"
+            return ImageOps.exif_transpose(image), None  # phone photos: upright as their camera meant them
+    except FileNotFoundError:
+        return None, "no such file"
+    except UnidentifiedImageError:
+        return None, "not an image in a format read here (PNG, JPEG, BMP or WebP)"
+    except Image.DecompressionBombError:
+        return None, "too many pixels to be a photo worth opening (Pillow's decompression-bomb limit)"
+    except READ_ERRORS as error:
+        return None, f"cannot be used ({' '.join(str(error).split()) or type(error).__name__})"
+
+
 def load_images(paths, raw):
     """(paths, uint8 images (N, 1, 28, 28)) of those that could be read; the others are named on stderr."""
     good, images = [], []
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                image = ImageOps.exif_transpose(image)  # phone photos: upright as their camera meant them
-                if raw and image.size != (28, 28):
-                    raise ValueError(f"is {image.size[0]}x{image.size[1]}, but --raw needs 28x28")
-                array = np.asarray(image.convert("L")) if raw else prepare_photo(image)
-        except FileNotFoundError:
-            print(f"{path}: no such file", file=sys.stderr)
-        except UnidentifiedImageError:
-            print(f"{path}: not an image Pillow can read (PNG, JPEG, BMP, WebP, ...)", file=sys.stderr)
-        except Image.DecompressionBombError:
-            print(
-                f"{path}: too many pixels to be a photo worth opening (Pillow's decompression-bomb limit)",
-                file=sys.stderr,
-            )
-        except (OSError, ValueError) as error:  # a truncated file is an OSError
-            print(f"{path}: cannot be used ({error})", file=sys.stderr)
-        else:
-            good.append(path)
-            images.append(torch.from_numpy(array.copy()))
+        image, problem = read_image(path)
+        if image is not None and raw and image.size != (28, 28):
+            problem = f"cannot be used (is {image.size[0]}x{image.size[1]}, but --raw needs 28x28)"
+        if problem:
+            print(f"{shown(path)}: {problem}", file=sys.stderr)
+            continue
+        array = grey_levels(image).round().astype(np.uint8) if raw else prepare_photo(image)
+        good.append(path)
+        images.append(torch.from_numpy(array))
     return good, torch.stack(images).unsqueeze(1) if images else torch.zeros(0, 1, 28, 28, dtype=torch.uint8)
 
 
@@ -109,6 +159,8 @@ def load_run(run_dir):
         raise common.UserError(f"{run_dir}: no metrics.json; pass a run folder (runs/<script>-<date>)") from None
     except (OSError, ValueError) as error:
         raise common.UserError(f"{run_dir}/metrics.json is unreadable ({type(error).__name__})") from None
+    except RecursionError:  # json nests as deep as the file says: no record of a run is nested that deep
+        raise common.UserError(f"{run_dir}/metrics.json is damaged (nested too deeply to be a run's record)") from None
     if (
         not isinstance(record, dict)
         or record.get("script") not in MODELS
@@ -119,26 +171,40 @@ def load_run(run_dir):
         )
     if record.get("status") != "completed":
         raise common.UserError(f"{run_dir}: the run's status is {record.get('status')!r}, not 'completed'")
-    final, norm = record.get("final"), record.get("normalization")
+    final = record.get("final")
     if not isinstance(final, dict) or not isinstance(final.get("test_acc"), (int, float)):
         raise common.UserError(f"{run_dir}/metrics.json has no final test accuracy: the record is damaged")
-    if record["script"] != "resnet_transfer" and not (
-        isinstance(norm, dict) and all(isinstance(norm.get(k), (int, float)) for k in ("mean", "std"))
-    ):
+    if record["script"] != "resnet_transfer":
+        check_normalization(run_dir, record.get("normalization"))
+    # The record's settings are checked as their flags are: a damaged one would fail deep in the model's code.
+    settings = {**record["hparams"], "PRECISION": record.get("precision", "fp32")}
+    try:
+        hp = common.check_recorded(settings, RECORDED[record["script"]], OPTIONAL)
+    except common.UserError as error:
+        raise common.UserError(f"{run_dir}/metrics.json: its settings are incomplete or damaged ({error})") from None
+    return record, hp
+
+
+def check_normalization(run_dir, norm):
+    """Refuse, in one line, a recorded normalisation that is missing or that no run could have computed."""
+    if not isinstance(norm, dict) or "mean" not in norm or "std" not in norm:
         raise common.UserError(f"{run_dir}: made before runs recorded their normalisation (or damaged); train it again")
-    return record, argparse.Namespace(**{name.lower(): value for name, value in record["hparams"].items()})
+    for key in ("mean", "std"):
+        value = norm[key]
+        if type(value) not in (int, float) or not math.isfinite(value) or key == "std" and value <= 0:
+            raise common.UserError(
+                f"{run_dir}/metrics.json: its normalisation is damaged (normalization.{key} = {value!r}; "
+                f"it must be a finite number{' > 0' if key == 'std' else ''})"
+            )
 
 
 def build_model(run_dir, record, hp, device):
     """A function from uint8 images (N, 1, 28, 28) to logits: the run's model with its weights, and the
     preparation its inputs had (normalisation, or the frozen backbone of a transfer run), computed in the
     precision the run trained in."""
-    amp = common.autocast(device, record.get("precision", "fp32"))
+    amp = common.autocast(device, hp.precision)
     state = common.load_weights_file(run_dir / "model.pt", f"{run_dir}: model.pt")
-    try:
-        model = MODELS[record["script"]](hp)
-    except (AttributeError, KeyError, TypeError) as error:
-        raise common.UserError(f"{run_dir}/metrics.json: its settings are incomplete or damaged ({error})") from None
+    model = MODELS[record["script"]](hp)
     if record["script"] != "resnet_transfer":
         model = with_weights(model, state, run_dir, record["script"], device)
         mean, std = record["normalization"]["mean"], record["normalization"]["std"]
@@ -174,8 +240,9 @@ def plot_predictions(paths, images, probabilities, path):
     fig = Figure(figsize=(10, 2.2 * len(paths)), dpi=100)
     for i, (name, image, p) in enumerate(zip(paths, images, probabilities, strict=True)):
         ax = fig.add_subplot(len(paths), 2, 2 * i + 1)
+        # Light on black over the full 0-255 range: as the model sees it, and as the run's misclassified.png shows.
         ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(Path(name).name, fontsize=9)
+        ax.set_title(shown(Path(name).name), fontsize=9, parse_math=False)  # "$" in a name is no formula
         ax.axis("off")
         ax = fig.add_subplot(len(paths), 2, 2 * i + 2)
         ax.barh(range(10), 100 * p.numpy(), color=["tab:blue" if k != p.argmax() else "tab:orange" for k in range(10)])
@@ -187,13 +254,39 @@ def plot_predictions(paths, images, probabilities, path):
     fig.savefig(path)
 
 
+def input_images(names, out):
+    """The image files named and in the folders named, checked before any work: there are some, and --out (the
+    figure) is none of them."""
+    if not names:
+        raise common.UserError("no images given: python predict.py RUN_DIR IMAGE... (files or folders), or --test")
+    paths = image_paths(names)
+    if not paths:
+        raise common.UserError(f"no PNG, JPEG, BMP or WebP files in {' '.join(map(shown, names))}")
+    if any(same_file(out, path) for path in paths):
+        raise common.UserError(f"--out {shown(out)} is one of the input images; the figure would overwrite it")
+    return paths
+
+
+def same_file(a, b):
+    """Whether two paths name one file: the same path once resolved, or the same file on disk (a hard link, a
+    case-insensitive disk)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (yet)
+        return False
+
+
 def main(argv=None):
     positionals = [
         ("run_dir", {"type": common.expand_path, "help": "a run folder of ann.py, cnn.py or resnet_transfer.py"}),
         ("images", {"nargs": "*", "help": "image files (PNG, JPEG, BMP, WebP) or folders of them"}),
     ]
-    hp = common.parse_hparams(globals(), argv, positionals)
+    hp = common.parse_hparams(globals(), argv, positionals, intermixed=True)  # flags before, between or after
     record, run_hp = load_run(Path(hp.run_dir))
+    out = Path(hp.out or Path(hp.run_dir) / "predictions.png")  # beside the model, out of the way of the photos
+    paths = None if hp.test else input_images(hp.images, out)
     device = common.resolve_device(hp.device)
     model = build_model(Path(hp.run_dir), record, run_hp, device)
     if hp.test:
@@ -202,27 +295,37 @@ def main(argv=None):
         images = f"the first {len(y_test):,} test images (as the run's --subset)" if run_hp.subset else "the test set"
         print(f"test accuracy on {images}: {accuracy:.2%} (recorded in the run: {record['final']['test_acc']:.2%})")
         return accuracy
-    if not hp.images:
-        raise common.UserError("no images given: python predict.py RUN_DIR IMAGE... (files or folders), or --test")
-    paths = image_paths(hp.images)
-    if not paths:
-        raise common.UserError(f"no PNG, JPEG, BMP or WebP files in {' '.join(hp.images)}")
     good, images = load_images(paths, hp.raw)
     probabilities = model(images.to(device)).softmax(1).cpu() if good else None
     for path, p in zip(good, probabilities if good else [], strict=True):
         top = p.argsort(descending=True)[:3].tolist()
-        print(f"{path}: " + ", ".join(f"{common.CLASSES[k]} {100 * p[k]:.0f}%" for k in top))
+        print(f"{shown(path)}: " + ", ".join(f"{common.CLASSES[k]} {100 * p[k]:.0f}%" for k in top))
     if good:
-        shown = min(len(good), hp.figure_images)
+        drawn = min(len(good), hp.figure_images)
         try:
-            plot_predictions(good[:shown], images[:shown], probabilities[:shown], Path(hp.out))
+            plot_predictions(good[:drawn], images[:drawn], probabilities[:drawn], out)
         except OSError as error:
-            raise common.UserError(f"--out {hp.out}: cannot write the figure ({error.strerror})") from None
-        print(f"figure: {hp.out}" + (f" (the first {shown} of {len(good)} images)" if shown < len(good) else ""))
+            raise common.UserError(f"--out {shown(out)}: cannot write the figure ({error.strerror})") from None
+        print(f"figure: {shown(out)}" + (f" (the first {drawn} of {len(good)} images)" if drawn < len(good) else ""))
     if len(good) < len(paths):
         raise common.UserError(f"{len(paths) - len(good)} of {len(paths)} images could not be used (named above)")
     return probabilities
 
 
+def cli():
+    """The command line: main through run_main, whose output never raises. A name the terminal's encoding
+    cannot show is escaped, and a reader that stops early (`| head -1`) ends predict.py quietly, as it ends cat."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        code = common.run_main(main)
+        sys.stdout.flush()  # lines still buffered meet a closed pipe here
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        return 128 + 13  # as a program ended by SIGPIPE (13), which Python ignores so that it can raise instead
+    return code
+
+
 if __name__ == "__main__":
-    raise SystemExit(common.run_main(main))
+    raise SystemExit(cli())

@@ -1,19 +1,25 @@
 """predict.py: a run folder is reused exactly, photos are prepared as Fashion-MNIST was, bad input is named."""
 
+import contextlib
 import json
+import os
 import re
+import struct
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import EpsImagePlugin, Image, PngImagePlugin
 
 import ann
 import cnn
 import common
 import predict
 import resnet_transfer as rt
-from conftest import run_cli
+from conftest import ROOT, one_line, run_cli
 
 TRAIN = ["--subset", "12000", "--val-size", "2000", "--epochs", "2"]
 
@@ -187,3 +193,217 @@ def test_an_image_with_too_many_pixels_is_named_not_opened(runs, tmp_path, capsy
         predict, [str(runs["cnn"]), str(tmp_path / "huge.png"), "--out", str(tmp_path / "p.png")], capsys
     )
     assert code == 2 and "huge.png: too many pixels" in err[0] and "Traceback" not in "".join(err)
+
+
+def test_only_the_named_formats_are_read_so_postscript_named_png_runs_no_ghostscript(
+    runs, tmp_path, capsys, monkeypatch
+):
+    """Pillow picks its reader from the content: a PostScript file called shirt.png must not reach the EPS reader,
+    which hands the file to Ghostscript."""
+    used = []
+
+    def eps_reader(*args, **kwargs):
+        used.append(args)
+        raise SyntaxError("the EPS reader was used")  # Pillow then tries its other readers
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", eps_reader)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", eps_reader)
+    (tmp_path / "shirt.png").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n")
+    argv = [str(runs["cnn"]), str(tmp_path / "shirt.png"), "--out", str(tmp_path / "p.png")]
+    code, err = run_cli(predict, argv, capsys)
+    assert not used, "the EPS reader was tried"
+    assert code == 2 and len(err) == 2 and "Traceback" not in "".join(err)
+    assert "shirt.png: not an image in a format read here (PNG, JPEG, BMP or WebP)" in err[0]
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_a_reader_that_stops_early_ends_predict_quietly(runs, test_images, tmp_path):
+    """`python predict.py RUN IMAGES | head -1`: the closed pipe ends predict.py as it ends cat, no traceback."""
+    folder = save_raw(test_images[:20], tmp_path / "raw")
+    process = subprocess.Popen(
+        [sys.executable, "predict.py", str(runs["ann"]), str(folder), "--raw", "--out", str(tmp_path / "p.png")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdout.close()  # the reader is gone before the first line
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 141 and stderr == "", stderr  # 128 + SIGPIPE, as a shell reports `cat`
+
+
+def test_a_16_bit_image_is_scaled_not_clipped(runs, test_images, tmp_path):
+    """convert("L") clips 16-bit levels at 255: the item would vanish. Scaled, the prediction is the 8-bit one's."""
+    image = test_images[0, 0].numpy()
+    Image.fromarray(image).save(tmp_path / "8-bit.png")
+    Image.fromarray(image.astype(np.uint16) * 257).save(tmp_path / "16-bit.png")
+    with Image.open(tmp_path / "16-bit.png") as sixteen:
+        assert sixteen.mode == "I;16"
+    out = ["--out", str(tmp_path / "p.png")]
+    for flags in (["--raw"], []):
+        eight = predict.main([str(runs["cnn"]), str(tmp_path / "8-bit.png"), *flags, *out])
+        sixteen = predict.main([str(runs["cnn"]), str(tmp_path / "16-bit.png"), *flags, *out])
+        assert torch.equal(eight, sixteen), flags
+
+
+def test_out_that_is_an_input_image_is_refused_before_anything_is_written(runs, test_images, tmp_path, capsys):
+    folder = save_raw(test_images[:2], tmp_path / "images")
+    before = {name: (folder / name).read_bytes() for name in ("000.png", "001.png")}
+    for argv in (
+        [str(folder / "000.png"), "--out", str(folder / "000.png")],
+        [str(folder), "--out", str(folder / ".." / "images" / "001.png")],  # the same file, spelt otherwise
+    ):
+        code, err = run_cli(predict, [str(runs["cnn"]), *argv], capsys)
+        assert code == 2
+        one_line(err, "is one of the input images")
+    assert {name: (folder / name).read_bytes() for name in before} == before
+
+
+def test_a_file_pillow_chokes_on_is_named_not_a_traceback(runs, test_images, tmp_path, capsys, monkeypatch):
+    """Pillow raises more than OSError on damaged files: each is a file named as unusable."""
+    folder = save_raw(test_images[:1], tmp_path / "images")
+    data = bytearray((folder / "000.png").read_bytes())
+    at = data.index(b"IDAT") - 4
+    data[at : at + 4] = struct.pack(">I", 1)  # the IDAT chunk's length is wrong: Pillow raises SyntaxError
+    (folder / "idat.png").write_bytes(data)
+    code, err = run_cli(predict, [str(runs["cnn"]), str(folder), "--out", str(tmp_path / "p.png")], capsys)
+    assert code == 2 and len(err) == 2 and "idat.png: cannot be used" in err[0], err
+    for error in (SyntaxError, NotImplementedError, struct.error, IndexError, TypeError, ValueError, EOFError):
+
+        def load(self, error=error):
+            raise error("damaged")
+
+        monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", load)
+        assert predict.load_images([folder / "000.png"], raw=True)[0] == []
+        assert "000.png: cannot be used (damaged)" in capsys.readouterr().err, error
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a name that is not UTF-8 needs a Linux file system")
+def test_any_file_name_is_printed_and_drawn(runs, test_images, tmp_path):
+    """A "$" in a name is no formula in the figure; a name that is not UTF-8, or holds a newline, is printed
+    (and drawn) escaped, whatever the output's encoding."""
+    folder = save_raw(test_images[:1], tmp_path / "images")
+    for name in (b"price $^$.png", b"\xff.png", b"line\nbreak.png"):
+        (folder / os.fsdecode(name)).write_bytes((folder / "000.png").read_bytes())
+    result = subprocess.run(
+        [sys.executable, "predict.py", str(runs["cnn"]), str(folder), "--raw", "--out", str(tmp_path / "p.png")],
+        cwd=ROOT,
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")
+    out = result.stdout.decode().splitlines()
+    assert len(out) == 5 and out[-1].startswith("figure: ")  # four predictions and the figure
+    assert {line.split(": ")[0].removeprefix(str(folder) + "/") for line in out[:-1]} == {
+        "000.png",
+        "price $^$.png",
+        "\\xff.png",
+        "line\\nbreak.png",
+    }
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def set_setting(name, value=None, section="hparams"):
+    """A change to a record's setting (or, with no value, its removal) for broken()."""
+
+    def change(folder):
+        record = json.loads((folder / "metrics.json").read_text())
+        if value is None:
+            del record[section][name]
+        else:
+            record[section][name] = value
+        (folder / "metrics.json").write_text(json.dumps(record))
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "name, change, words",
+    [
+        ("cnn", set_setting("DROPOUT", 5), "DROPOUT = 5 is not allowed"),
+        ("cnn", set_setting("FC_WIDTH", -3), "FC_WIDTH = -3 is not allowed"),
+        ("cnn", set_setting("TTA_SHIFT", "a"), "TTA_SHIFT = 'a' is not allowed"),
+        ("cnn", set_setting("TTA_FLIP"), "TTA_FLIP is missing"),
+        ("rt", set_setting("IMAGE_SIZE", -1), "IMAGE_SIZE = -1 is not allowed"),
+        ("rt", set_setting("SEED", "x"), "SEED = 'x' is not allowed"),
+        ("rt", set_setting("WEIGHTS", 5), "WEIGHTS = 5 is not allowed"),
+        ("ann", set_setting("std", 0, section="normalization"), "normalization.std = 0"),
+    ],
+)
+def test_a_record_with_a_bad_setting_is_refused_naming_it(name, change, words, runs, test_images, tmp_path, capsys):
+    folder = broken(runs[name], tmp_path, change)
+    images = save_raw(test_images[:1], tmp_path / "images")
+    code, err = run_cli(predict, [str(folder), str(images), "--out", str(tmp_path / "p.png")], capsys)
+    assert code == 2
+    one_line(err, str(folder), words)
+
+
+def test_a_record_nested_too_deeply_is_refused_as_damaged(runs, tmp_path, capsys):
+    folder = broken(runs["cnn"], tmp_path, lambda f: (f / "metrics.json").write_text("[" * 200_000 + "]" * 200_000))
+    code, err = run_cli(predict, [str(folder), "--test"], capsys)
+    assert code == 2
+    one_line(err, "metrics.json is damaged")
+
+
+def writer_that_comes_and_goes(fifo, done):
+    """Opening a named pipe to read waits for a writer: one that comes and goes ends the wait, so that a test
+    fails where predict.py opens the pipe, instead of hanging."""
+    while not done.wait(1):
+        with contextlib.suppress(OSError):  # ENXIO: no reader is waiting yet
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_among_the_images_is_named_not_opened(runs, test_images, tmp_path, capsys):
+    folder = save_raw(test_images[:1], tmp_path / "images")
+    os.mkfifo(folder / "x.png")
+    done = threading.Event()
+    threading.Thread(target=writer_that_comes_and_goes, args=(folder / "x.png", done), daemon=True).start()
+    try:
+        code, err = run_cli(predict, [str(runs["cnn"]), str(folder), "--out", str(tmp_path / "p.png")], capsys)
+    finally:
+        done.set()
+    assert code == 2 and len(err) == 2 and "x.png: not a regular file" in err[0], err
+    assert "1 of 2 images could not be used" in err[1]
+
+
+def test_flags_may_come_before_between_or_after_the_images(runs, test_images, tmp_path, capsys):
+    folder = save_raw(test_images[:3], tmp_path / "raw")
+    run, out = str(runs["ann"]), str(tmp_path / "p.png")
+    after = predict.main([run, str(folder), "--raw", "--out", out])
+    before = predict.main([run, "--raw", str(folder), "--out", out])
+    between = predict.main(
+        [run, str(folder / "000.png"), "--raw", str(folder / "001.png"), "--out", out, str(folder / "002.png")]
+    )
+    assert after.shape == (3, 10) and torch.equal(before, after) and torch.equal(between, after)
+
+
+def test_the_figure_and_the_mistakes_grid_show_images_alike(test_images, tmp_path, monkeypatch):
+    """predictions.png and a run's misclassified.png draw the 28x28 images in one way: light on black, 0-255."""
+    from matplotlib.axes import Axes
+
+    styles, imshow = [], Axes.imshow
+
+    def recording(self, *args, **kwargs):
+        image = imshow(self, *args, **kwargs)
+        styles.append((image.get_cmap().name, image.get_clim()))
+        return image
+
+    monkeypatch.setattr(Axes, "imshow", recording)
+    images = test_images[:4]
+    predict.plot_predictions([f"{i}.png" for i in range(4)], images, torch.full((4, 10), 0.1), tmp_path / "p.png")
+    logits = torch.zeros(4, 10)
+    logits[:, 0] = 5  # all four called class 0, and all four labelled 1: four mistakes
+    common.plot_misclassified(images, torch.ones(4, dtype=torch.long), logits, tmp_path / "m.png")
+    assert len(styles) == 8 and set(styles) == {("gray", (0, 255))}, styles
+
+
+def test_the_figure_goes_into_the_run_folder_unless_out_says_otherwise(runs, test_images, tmp_path, capsys):
+    """By default predictions.png lands beside the model, so predicting a folder twice never reads the last figure
+    as one of the photos."""
+    folder = save_raw(test_images[:3], tmp_path / "images")
+    for _ in range(2):
+        probabilities = predict.main([str(runs["cnn"]), str(folder), "--raw"])
+        assert len(probabilities) == 3
+    assert (runs["cnn"] / "predictions.png").read_bytes()[:4] == b"\x89PNG" and len(list(folder.iterdir())) == 3
+    assert capsys.readouterr().out.splitlines()[-1] == f"figure: {runs['cnn'] / 'predictions.png'}"
