@@ -42,8 +42,11 @@ class Diverged(Exception):
 
 
 def expand_path(text):
-    """A folder or file argument, with `~` expanded as a shell would."""
-    return str(Path(text).expanduser()) if text else text
+    """A folder or file argument, with `~` expanded as a shell would (`~user` only for a user that exists)."""
+    try:
+        return str(Path(text).expanduser()) if text else text
+    except RuntimeError:  # no home folder for that user: argparse turns this into one line naming the flag
+        raise argparse.ArgumentTypeError(f"{text}: no such user to expand {text.split('/')[0]} for") from None
 
 
 # Every setting of every script: (type, check, what is allowed). The type is the flag's, whatever the
@@ -319,7 +322,10 @@ def _named_folder(data_dir):
     flag = "--data-dir" if data_dir else "$FASHION_MNIST_DIR" if os.environ.get("FASHION_MNIST_DIR") else None
     if flag is None:
         return None
-    folder = Path(data_dir or os.environ["FASHION_MNIST_DIR"]).expanduser()
+    try:
+        folder = Path(expand_path(data_dir or os.environ["FASHION_MNIST_DIR"]))
+    except argparse.ArgumentTypeError as error:
+        raise UserError(f"{flag} {error}") from None
     try:
         folder.stat()
     except OSError as error:

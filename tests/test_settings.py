@@ -71,6 +71,23 @@ def test_folder_flags_expand_the_tilde_like_a_shell(real_data_dir, tmp_path, mon
     assert len(list((tmp_path / "home" / "runs").iterdir())) == 1
 
 
+@pytest.mark.parametrize(
+    "argv, env",
+    [
+        (["--out-dir", "~nosuchuser/runs"], {}),
+        (["--data-dir", "~nosuchuser/d"], {}),
+        ([], {"FASHION_MNIST_DIR": "~nosuchuser/d"}),
+    ],
+)
+def test_a_tilde_for_a_user_who_does_not_exist_is_one_line(argv, env, tmp_path, monkeypatch, capsys):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, err = run_cli(ann, SMALL + ["--out-dir", str(tmp_path / "runs"), *argv], capsys)
+    assert code == 2
+    one_line(err, "~nosuchuser", "no such user")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_the_largest_seed_trains(real_data_dir, tmp_path, capsys):
     code, err = run_cli(ann, SMALL + ["--seed", str(2**64 - 1), "--out-dir", str(tmp_path)], capsys)
     assert code == 0, err
