@@ -294,7 +294,6 @@ class Run:
         self.precision = resolve_precision(getattr(hp, "precision", "fp32"), self.device)
         tf32 = use_tf32(self.device, self.precision)
         deterministic_cudnn(self.device)
-        self.dir = self._make_dir(Path(hp.out_dir or HERE / "runs"))
         self.kept_model = None
         self.reported = False  # True once the finished run's record, plots and summary are all written
         self.record = {
@@ -311,8 +310,9 @@ class Run:
             "final": None,
         }
         print(f"{script}: device={self.device} ({self.record['device_name']}) precision={self.precision}")
-        print(f"  run folder: {self.dir}")
         print("  " + "  ".join(f"{k.lower()}={v}" for k, v in self.record["hparams"].items()), flush=True)
+        self.dir = self._make_dir(Path(hp.out_dir or HERE / "runs"))  # after the flush: an output that fails first
+        print(f"  run folder: {self.dir}")  # (stdout on a full disk) leaves no empty folder behind
 
     def _make_dir(self, out_dir):
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -333,26 +333,24 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        """A stopped run keeps its record, plots and latest weights; one that failed before its first epoch
-        leaves no folder behind, and one that failed later says why in its record."""
+        """A run that trained at least one epoch keeps its record, plots and latest weights whatever ends it
+        (Ctrl-C, a signal, a closed output, a divergence, an error); one that ends before its first epoch
+        leaves no folder behind, unless it was stopped."""
         if exc_type is None or self.reported:  # e.g. Ctrl-C while --show's windows are open: the run is complete
             return False
+        stopped = issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError))  # Ctrl-C, a signal, `| head`
+        status = "interrupted" if stopped else "diverged" if exc_type is Diverged else "failed"
         with signals_ignored():
-            if issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C, SIGTERM or SIGHUP
-                if self.record["history"] and self.kept_model is not None:
-                    save_tensors(
-                        self.dir / "model.pt", getattr(self.kept_model, "module", self.kept_model).state_dict()
-                    )
-                    self.record["model_pt"] = f"weights when interrupted, after epoch {len(self.record['history'])}"
-                self.finish("interrupted")
-            elif exc_type is Diverged:
-                self.finish("diverged")
-            elif not self.record["history"]:
+            if self.record["history"] and self.kept_model is not None:
+                save_tensors(self.dir / "model.pt", getattr(self.kept_model, "module", self.kept_model).state_dict())
+                self.record["model_pt"] = f"weights when {status}, after epoch {len(self.record['history'])}"
+            if status == "failed" and not self.record["history"]:
                 with contextlib.suppress(OSError):
                     self.dir.rmdir()  # only ever empty here: nothing is written before the first epoch
-            else:
+                return False
+            if status == "failed":
                 self.record["error"] = str(exc).splitlines()[0] if str(exc) else exc_type.__name__
-                self.finish("failed")
+            self.finish(status)
         return False
 
     def start_training(self, model, kept_model=None):
@@ -405,8 +403,8 @@ class Run:
         self.record["test_confusion"] = confusion.tolist()
         save_tensors(self.dir / "model.pt", getattr(model, "module", model).state_dict())
         self.record["model_pt"] = "final weights, as evaluated"
-        plot_confusion(confusion, self.dir / "confusion.png", title=f"{self.script}: test confusion, rows = true class")
-        plot_misclassified(test_images.cpu(), test_labels.cpu(), test_logits.cpu(), self.dir / "misclassified.png")
+        self.draw(plot_confusion, "confusion.png", confusion, title=f"{self.script}: test confusion, rows = true class")
+        self.draw(plot_misclassified, "misclassified.png", test_images.cpu(), test_labels.cpu(), test_logits.cpu())
         self.finish("completed")
         return self.record["final"]
 
@@ -416,11 +414,11 @@ class Run:
         self.save()
         if self.record["history"]:
             try:
-                plot_curves(self.record["history"], self.dir / "curves.png", title=f"{self.script}  ({self.dir.name})")
-            except (Exception, KeyboardInterrupt) as error:  # a stop during the plot must not lose the record
+                self.draw(plot_curves, "curves.png", self.record["history"], title=f"{self.script}  ({self.dir.name})")
+            except KeyboardInterrupt:  # a second stop while a stopped run is saved must not lose its record
                 if status == "completed":
                     raise
-                print(f"{self.script}: curves.png not drawn ({type(error).__name__})", file=sys.stderr)
+                print(f"{self.script}: curves.png not drawn (KeyboardInterrupt)", file=sys.stderr)
         final = self.record["final"]
         if final:
             val = "n/a" if final["val_acc"] is None else f"{final['val_acc']:.2%}"
@@ -436,6 +434,15 @@ class Run:
         self.reported = True
         if status == "completed" and getattr(self.hp, "show", False):
             show_plots(sorted(self.dir.glob("*.png")))
+
+    def draw(self, plot, name, *args, **kwargs):
+        """plot(*args, path, **kwargs) into the run folder. A figure that cannot be drawn (a full disk, a broken
+        matplotlib) is named on stderr, and the run stands: its record and weights are written first."""
+        try:
+            plot(*args, self.dir / name, **kwargs)
+        except Exception as error:
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
+            print(f"{self.script}: {name} not drawn ({reason})", file=sys.stderr)
 
     def save(self):
         atomic_write(self.dir / "metrics.json", json.dumps(self.record, indent=2).encode())

@@ -569,15 +569,26 @@ def _out_of_memory(error):
     )
 
 
+def _output_gone():
+    """Point stdout at /dev/null, so that Python's own flush at exit meets no closed pipe or full disk either."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def run_main(main, argv=None):
     """Call main(argv) and turn the expected failures into exit codes and one line on stderr.
 
-    2 user error or out of memory, 1 diverged, 130 Ctrl-C, 128 + the signal for SIGTERM (143) and SIGHUP (129).
+    2 user error, out of memory or an output that cannot be written (stdout on a full disk), 1 diverged, 130
+    Ctrl-C, 128 + the signal for SIGTERM (143), SIGHUP (129) and a reader that went away (`| head`: 141, quietly,
+    as `cat` ends). Names the terminal's encoding cannot show are printed escaped, never as an error.
     """
     script = Path(sys.argv[0]).name
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     try:
         main(argv)
+        sys.stdout.flush()  # lines still buffered meet a closed pipe or a full disk here, not at exit
     except UserError as error:
         print(f"{script}: error: {error}", file=sys.stderr)
         return 2
@@ -590,6 +601,15 @@ def run_main(main, argv=None):
     except KeyboardInterrupt:
         print(f"{script}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _output_gone()
+        return 128 + 13  # as a program ended by SIGPIPE, which Python turns into this exception instead
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EIO):  # writing the output failed; other errors are ours
+            raise
+        _output_gone()
+        print(f"{script}: error: cannot write its output ({error.strerror}); send it elsewhere", file=sys.stderr)
+        return 2
     except Exception as error:
         if not _out_of_memory(error):
             raise

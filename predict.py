@@ -312,20 +312,5 @@ def main(argv=None):
     return probabilities
 
 
-def cli():
-    """The command line: main through run_main, whose output never raises. A name the terminal's encoding
-    cannot show is escaped, and a reader that stops early (`| head -1`) ends predict.py quietly, as it ends cat."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-    try:
-        code = common.run_main(main)
-        sys.stdout.flush()  # lines still buffered meet a closed pipe here
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
-        return 128 + 13  # as a program ended by SIGPIPE (13), which Python ignores so that it can raise instead
-    return code
-
-
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    raise SystemExit(common.run_main(main))

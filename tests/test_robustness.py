@@ -160,3 +160,71 @@ def test_a_write_cut_short_by_ctrl_c_leaves_no_temporary_file(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         plumbing.atomic_write(tmp_path / "features.pt", b"x" * 1000)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# An output that goes away, a figure that cannot be drawn
+
+
+def test_a_reader_that_stops_early_stops_the_run_and_keeps_its_weights(real_data_dir, tmp_path):
+    """`python ann.py | head -6`: the run stops at its next line of output, quietly (exit 141, as `cat` ends),
+    keeping its record and the weights of its last finished epoch."""
+    argv = SMALL + ["--epochs", "20", "--out-dir", str(tmp_path)]
+    process = subprocess.Popen(
+        [sys.executable, "ann.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    lines = [process.stdout.readline() for _ in range(6)]  # the header, the data folder, the table, epoch 1
+    process.stdout.close()
+    err = process.communicate(timeout=120)[1].decode()
+    assert lines[-1].split()[0] == b"1" and process.returncode == 141 and "Traceback" not in err
+    (metrics,) = tmp_path.glob("*/metrics.json")
+    record = json.loads(metrics.read_text())
+    assert record["status"] == "interrupted" and record["model_pt"].startswith("weights when interrupted")
+    ann.ANN(dropout=0.1).load_state_dict(torch.load(metrics.parent / "model.pt", weights_only=True))
+
+
+def test_output_to_a_full_disk_is_one_line_and_leaves_no_empty_folder(real_data_dir, tmp_path):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "ann.py", *SMALL, "--out-dir", str(tmp_path / "runs")],
+            cwd=ROOT,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert result.returncode == 2
+    one_line(result.stderr.strip().splitlines(), "cannot write its output", "No space left on device")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_an_error_after_the_first_epoch_keeps_the_weights_and_says_why(real_data_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def fails_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("something broke")
+        return original(*args, **kwargs)
+
+    original = ann.train_one_epoch
+    monkeypatch.setattr(ann, "train_one_epoch", fails_in_epoch_2)
+    with pytest.raises(RuntimeError, match="something broke"):  # a bug of ours still raises
+        ann.main(SMALL + ["--epochs", "3", "--out-dir", str(tmp_path)])
+    (metrics,) = tmp_path.glob("*/metrics.json")
+    record = json.loads(metrics.read_text())
+    assert record["status"] == "failed" and record["error"] == "something broke"
+    assert record["model_pt"] == "weights when failed, after epoch 1" and (metrics.parent / "model.pt").exists()
+
+
+@pytest.mark.parametrize("plot", ["plot_confusion", "plot_misclassified", "plot_curves"])
+def test_a_figure_that_cannot_be_drawn_leaves_the_run_completed(plot, real_data_dir, tmp_path, monkeypatch, capsys):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common, plot, disk_full)
+    code, err = run_cli(ann, SMALL + ["--out-dir", str(tmp_path)], capsys)
+    assert code == 0
+    one_line(err, "not drawn", "No space left on device")
+    (metrics,) = tmp_path.glob("*/metrics.json")
+    record = json.loads(metrics.read_text())
+    assert record["status"] == "completed" and record["model_pt"] == "final weights, as evaluated"
