@@ -10,7 +10,8 @@ import common
 
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python ann.py --help` lists them.
 # [+0.42]: validation accuracy points the value bought against switching it off, in one run (seed 1) of
-# `python benchmarks/accuracy.py --ablation`; seeds alone move a run by about 0.3 points. The README has the table.
+# `python benchmarks/accuracy.py --ablation`; seeds alone move a run by about 0.3 points. The tables are in
+# RESULTS.md, "The evidence behind each default".
 EPOCHS = 60  # passes over the training split
 BATCH_SIZE = 512  # images per optimizer step
 LR = 0.004  # peak learning rate of AdamW (linear warm-up, then cosine decay to 0)

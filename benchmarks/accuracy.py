@@ -51,7 +51,7 @@ ABLATIONS = {
         "no label smoothing": ["--label-smoothing", "0"],
         "no EMA of weights": ["--ema-decay", "0"],
         "no test-time shifts": ["--tta-shift", "0"],
-        "15 epochs instead of 40": ["--epochs", "15"],
+        f"15 epochs instead of {cnn.EPOCHS}": ["--epochs", "15"],
     },
 }
 QUICK = ["--subset", "1000", "--val-size", "200", "--epochs", "1", "--batch-size", "100"]
@@ -139,12 +139,13 @@ def main(argv=None):
     print(markdown(results))
 
 
-def save(results, args):
-    """Results so far, rewritten after every run: an interrupted benchmark keeps what it measured."""
+def save(results, args, name="accuracy", table=None):
+    """Results so far as NAME.json and NAME.md (NAME-quick.* for --quick), rewritten after every run: an
+    interrupted benchmark keeps what it measured. `table(results)` makes the markdown (default: this file's)."""
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = "accuracy-quick" if args.quick else "accuracy"
+    stem = f"{name}-quick" if args.quick else name
     (args.results / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (args.results / f"{stem}.md").write_text(markdown(results))
+    (args.results / f"{stem}.md").write_text((table or markdown)(results))
 
 
 def markdown(results):

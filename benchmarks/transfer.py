@@ -17,7 +17,6 @@ Writes transfer.json and transfer.md into benchmarks/latest/ (or --results DIR).
 import argparse
 import contextlib
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import standin  # noqa: E402
 import torch  # noqa: E402
-from accuracy import machine, measured_on  # noqa: E402
+from accuracy import machine, measured_on, save  # noqa: E402
 
 import common  # noqa: E402
 import plumbing  # noqa: E402
@@ -65,11 +64,11 @@ def main(argv=None):
         for size in args.sizes if args.accuracy else []:
             results["accuracy"][size] = standin_accuracy(size, args.seeds, flags)
             print_row("stand-in", size, results["accuracy"][size])
-            save(results, args)
+            save(results, args, "transfer", markdown)
         for size in args.sizes if args.timing else []:
             results["timing"][size] = extraction_seconds(size, args.timing_images, device, args.precision)
             print_row("ResNet-50 extraction", size, results["timing"][size])
-            save(results, args)
+            save(results, args, "transfer", markdown)
     print(markdown(results))
 
 
@@ -112,14 +111,6 @@ def extraction_seconds(size, n, device, precision):
 
 def print_row(what, size, row):
     print(f"{what} {size} px: " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-
-
-def save(results, args):
-    """Results so far, rewritten after every size: an interrupted benchmark keeps what it measured."""
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = "transfer-quick" if args.quick else "transfer"
-    (args.results / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (args.results / f"{stem}.md").write_text(markdown(results))
 
 
 def markdown(results):
