@@ -348,6 +348,8 @@ def pick_reference(groups, letter):
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv)
     out_dir = Path(hp.out_dir or common.HERE / "runs")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise common.UserError(f"--out-dir {out_dir} is a file, not a folder; point it at the folder of run folders")
     if not out_dir.is_dir():
         raise common.UserError(f"--out-dir {out_dir} does not exist; run a training script first or pass --out-dir")
     runs = [run for run in load_runs(out_dir) if not hp.script or run[1].get("script") == hp.script]

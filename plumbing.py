@@ -189,9 +189,10 @@ def _check_split(hp):
     if not hasattr(hp, "val_size") or not hasattr(hp, "batch_size"):
         return
     n_train = (hp.subset or N_TRAIN) - hp.val_size
-    if n_train < 1:
+    if n_train < 2:  # BatchNorm cannot train on fewer than two images
         raise UserError(
-            f"--val-size {hp.val_size} leaves no training images: make it smaller than --subset {hp.subset}"
+            f"--val-size {hp.val_size} leaves {max(n_train, 0)} training image(s) of --subset {hp.subset or N_TRAIN}; "
+            f"at least 2 are needed: make --val-size at most {(hp.subset or N_TRAIN) - 2}"
         )
     if hp.batch_size > n_train:
         raise UserError(
@@ -421,6 +422,13 @@ def read_idx(path, name):
 # Files: written atomically, loaded without unpickling code.
 
 
+def _umask():
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, data):
     """Write-then-rename, so a reader never sees a half-written file; a full disk is a user error.
 
@@ -433,6 +441,7 @@ def atomic_write(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # a temporary file is private (0600); the result gets the usual mode
         os.replace(tmp, path)
     except BaseException as error:  # Ctrl-C included: a half-written temporary file is never left behind
         if tmp is not None:

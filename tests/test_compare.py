@@ -12,7 +12,7 @@ import pytest
 import ann
 import common
 import compare
-from conftest import one_line, png_size
+from conftest import one_line, png_size, run_cli
 
 
 def fake_record(seed, test_acc, lr=0.1, val_acc=None, script="cnn", **hparams):
@@ -300,3 +300,10 @@ def test_help_describes_the_script_in_a_complete_sentence(capsys):
     out = capsys.readouterr().out
     description = compare.__doc__.strip().split("\n")[0]
     assert description.endswith(".") and description in " ".join(out.split()) and "--reference REFERENCE" in out
+
+
+def test_an_out_dir_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "runs").write_text("not a folder")
+    code, err = run_cli(compare, ["--out-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    one_line(err, "is a file, not a folder")

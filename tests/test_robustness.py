@@ -143,6 +143,16 @@ def test_full_disk_leaves_no_half_written_json(real_data_dir, out_dir, monkeypat
     assert [p.name for p in run_dir.iterdir() if p.suffix in (".json", ".tmp")] == []
 
 
+def test_written_files_get_the_mode_the_umask_gives_like_the_plots(tmp_path):
+    """metrics.json, model.pt and the caches are written through a private temporary file; the result is not."""
+    old = os.umask(0o027)
+    try:
+        plumbing.atomic_write(tmp_path / "a.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
 def test_writers_of_the_same_file_use_their_own_temporary_files(tmp_path, monkeypatch):
     sources, replace = [], os.replace
     monkeypatch.setattr(plumbing.os, "replace", lambda src, dst: sources.append(src) or replace(src, dst))

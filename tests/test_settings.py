@@ -123,6 +123,7 @@ def test_the_largest_seed_trains(real_data_dir, tmp_path, capsys):
         (["--tta-shift", "5"], "--tta-shift"),
         (["--tta-shift", "0.5"], "--tta-shift"),
         (["--subset", "1000", "--val-size", "1000"], "--val-size"),
+        (["--subset", "2", "--val-size", "1"], "make --val-size at most 0"),  # one image left: BatchNorm needs 2
         (["--no-such-flag", "1"], "--no-such-flag"),
     ],
 )
