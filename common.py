@@ -65,10 +65,13 @@ class Splits(NamedTuple):
 
 
 def load_fashion_mnist(data_dir=None):
-    """(x_train, y_train, x_test, y_test): uint8 images (N, 1, 28, 28) and int64 labels, verified.
+    """(x_train, y_train, x_test, y_test) from the folder `find_fashion_mnist(data_dir)` finds."""
+    return read_fashion_mnist(find_fashion_mnist(data_dir))
 
-    `data_dir` as `find_fashion_mnist` takes it; the folder the files came from is printed."""
-    folder = find_fashion_mnist(data_dir)
+
+def read_fashion_mnist(folder):
+    """(x_train, y_train, x_test, y_test) from a folder that holds the four files: uint8 images (N, 1, 28, 28)
+    and int64 labels, verified. The folder is printed."""
     print(f"  data: {folder}", flush=True)
     x_train, y_train, x_test, y_test = (read_idx(find_file(folder, name), name) for name in FILES)
     return x_train.unsqueeze(1), y_train.long(), x_test.unsqueeze(1), y_test.long()
@@ -102,7 +105,7 @@ def split_validation(x_train, y_train, x_test, y_test, val_size, seed):
 def load_splits(data_dir, subset, val_size, seed):
     """uint8 train/val/test splits of Fashion-MNIST from data_dir (a folder `find_fashion_mnist` found):
     the first `subset` images of each set (0 = all), `val_size` of the training images held out."""
-    arrays = take_subset(subset, *load_fashion_mnist(data_dir))
+    arrays = take_subset(subset, *read_fashion_mnist(data_dir))
     return split_validation(*arrays, val_size, seed)
 
 
@@ -333,15 +336,16 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        """A run that trained at least one epoch keeps its record, plots and latest weights whatever ends it
-        (Ctrl-C, a signal, a closed output, a divergence, an error); one that ends before its first epoch
-        leaves no folder behind, unless it was stopped."""
+        """A run that trained at least one epoch keeps its record and plots whatever ends it (Ctrl-C, a signal, a
+        closed output, a divergence, an error), and its latest weights unless they diverged to NaN. One that
+        fails with an error before its first epoch leaves no folder behind; a stopped or diverged one keeps
+        its record."""
         if exc_type is None or self.reported:  # e.g. Ctrl-C while --show's windows are open: the run is complete
             return False
         stopped = issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError))  # Ctrl-C, a signal, `| head`
         status = "interrupted" if stopped else "diverged" if exc_type is Diverged else "failed"
         with signals_ignored():
-            if self.record["history"] and self.kept_model is not None:
+            if self.record["history"] and self.kept_model is not None and status != "diverged":
                 save_tensors(self.dir / "model.pt", getattr(self.kept_model, "module", self.kept_model).state_dict())
                 self.record["model_pt"] = f"weights when {status}, after epoch {len(self.record['history'])}"
             if status == "failed" and not self.record["history"]:

@@ -32,7 +32,8 @@ SCRIPT = ""  # only runs of this script: ann, cnn or resnet_transfer ("" = all)
 LAST = 0  # only the N most recent runs (0 = all)
 REFERENCE = ""  # the group the others are compared against, by its letter in the table ("" = the first, A)
 
-NOT_COMPARED = {"OUT_DIR", "DATA_DIR", "CACHE_DIR", "SHOW", "SEED"}  # not how the model was trained, or the seed
+# Not how the model was trained, or the seed; DEVICE and PRECISION as asked for ("auto") give way to what ran.
+NOT_COMPARED = {"OUT_DIR", "DATA_DIR", "CACHE_DIR", "SHOW", "SEED", "DEVICE", "PRECISION"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +43,11 @@ NOT_COMPARED = {"OUT_DIR", "DATA_DIR", "CACHE_DIR", "SHOW", "SEED"}  # not how t
 def load_runs(out_dir):
     """(folder, record) of every readable run, oldest first; unreadable ones are skipped with a warning."""
     runs = []
-    for folder in sorted(p for p in out_dir.iterdir() if p.is_dir()):
+    try:
+        folders = sorted(p for p in out_dir.iterdir() if p.is_dir())
+    except OSError as error:
+        raise common.UserError(f"--out-dir {out_dir}: cannot list it ({error.strerror})") from None
+    for folder in folders:
         path = folder / "metrics.json"
         try:
             record = json.loads(path.read_text())
@@ -50,7 +55,8 @@ def load_runs(out_dir):
                 record.setdefault("history", [])
             reason = problem(record)
             if reason:
-                raise ValueError(reason)
+                print(f"warning: skipping {folder.name}: {reason}", file=sys.stderr)
+                continue
             runs.append((folder, record))
         except FileNotFoundError:
             print(f"warning: skipping {folder.name}: no metrics.json", file=sys.stderr)
@@ -89,6 +95,8 @@ def problem(record):
     if final is not None:
         if not isinstance(final, dict) or not all(v is None or is_number(v) for v in final.values()):
             return "its final results are not numbers"
+        if final.get("val_acc") is None and is_accuracy(final.get("test_acc")):
+            return "trained without a validation split (--val-size 0), so there is nothing to judge it on"
         for name in ("val_acc", "test_acc"):
             if not is_accuracy(final.get(name)):
                 return f"final {name} is {final.get(name, 'missing')}, not an accuracy in [0, 1]"
@@ -114,6 +122,8 @@ def group_runs(runs):
     for _, record in runs:
         if record.get("status") == "completed" and record.get("final"):
             settings = {k: v for k, v in record["hparams"].items() if k not in NOT_COMPARED}
+            # A seed gives the same numbers only on the same hardware in the same precision: pair only those.
+            settings.update(device=record.get("device_name"), precision=record.get("precision"))
             key = (record.get("script") or "?", json.dumps(settings, sort_keys=True))
             group = groups.setdefault(key, Group(key[0], settings, [], {}))
             group.records.append(record)

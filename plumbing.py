@@ -587,8 +587,8 @@ def run_main(main, argv=None):
     """Call main(argv) and turn the expected failures into exit codes and one line on stderr.
 
     2 user error, out of memory or an output that cannot be written (stdout on a full disk), 1 diverged, 130
-    Ctrl-C, 128 + the signal for SIGTERM (143), SIGHUP (129) and a reader that went away (`| head`: 141, quietly,
-    as `cat` ends). Names the terminal's encoding cannot show are printed escaped, never as an error.
+    Ctrl-C, 128 + the signal for SIGTERM (143), SIGHUP (129) and a reader that went away (`| head`: 141, as
+    `cat` ends, with no message of its own). Names the terminal's encoding cannot show are printed escaped.
     """
     script = Path(sys.argv[0]).name
     for stream in (sys.stdout, sys.stderr):

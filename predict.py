@@ -30,9 +30,7 @@ import common
 import resnet_transfer
 
 # --- Settings: each one is also a flag (OUT -> --out).
-OUT = (
-    ""  # the figure (.png, .pdf, .svg) of each input as the model saw it and its probabilities ("" = in the run folder)
-)
+OUT = ""  # the figure: a .png, .pdf or .svg file ("" = predictions.png in the run folder)
 FIGURE_IMAGES = 16  # the figure shows the first N images: more rows than about 16 are too small to read
 RAW = False  # the images are already 28x28 Fashion-MNIST style (light item on black): use them as they are
 TEST = False  # instead of images, evaluate the model on the official test set and print its accuracy
@@ -108,7 +106,10 @@ def image_paths(arguments):
     paths = []
     for argument in map(Path, arguments):
         if argument.is_dir():
-            paths += sorted(p for p in argument.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            try:
+                paths += sorted(p for p in argument.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            except OSError as error:  # an unreadable folder
+                raise common.UserError(f"{shown(argument)}: cannot list the folder ({error.strerror})") from None
         else:
             paths.append(argument)
     return paths

@@ -20,11 +20,12 @@ import common
 
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python resnet_transfer.py --help` lists them.
 BACKBONE = "resnet50"  # resnet18 or resnet34 (512 features) or resnet50 (2048 features)
-WEIGHTS = "IMAGENET1K_V1"  # ImageNet weights IMAGENET1K_V1, IMAGENET1K_V2 (resnet50 only), DEFAULT (the newest),
-#   a path to a state-dict file, or none (random). V1, not torchvision's DEFAULT V2: V2 was trained with label
-#   smoothing, mixup and cutmix, which make frozen features transfer worse (Kornblith et al. 2019); not measured here.
-IMAGE_SIZE = 96  # pixels the 28x28 images are resized to, in [32, 512]; extraction time grows with its square:
-#   RESULTS.md's table. On a CPU without bf16 units 64 (-1.3 points, 2.2x faster); on a GPU 128-160 (+0.5-1.0).
+# V1 rather than torchvision's DEFAULT (V2): V2 was trained with label smoothing, mixup and cutmix, which make
+# frozen features transfer worse (Kornblith et al. 2019); not measured here.
+WEIGHTS = "IMAGENET1K_V1"  # IMAGENET1K_V1, IMAGENET1K_V2 (resnet50), DEFAULT (the newest), a state-dict file, none
+# RESULTS.md has the table: on a CPU without bf16 units 64 px extracts 2-3x faster for 1.3 points less; on a GPU,
+# where extraction takes seconds, 128-160 px buy 0.5-1.0 point more.
+IMAGE_SIZE = 96  # pixels the 28x28 images are resized to, in [32, 512]; extraction time grows with its square
 EPOCHS = 30  # passes over the training split (the head alone, on cached features, unless FINETUNE)
 BATCH_SIZE = 256  # images per optimizer step
 LR = 0.002  # peak learning rate of AdamW (linear warm-up, then cosine decay to 0)
@@ -196,18 +197,19 @@ def main(argv=None):
         torch.manual_seed(hp.seed)
         backbone, weights_id, mean, std = load_backbone(hp.backbone, hp.weights, hp.seed)
         if hp.weights == "none":
-            print(
-                "NOTE: --weights none: the backbone is random, so this is not transfer learning. A random ResNet-50 "
-                "gives its head little to learn from (about 26% test in fp32; in bf16 the head falls to chance, "
-                "10%). An offline dry run that learns something (about 74% in a minute on 2 cores): "
-                "--weights none --backbone resnet18 --image-size 32 --subset 10000 --epochs 10"
-            )
+            print("NOTE: --weights none: the backbone is random, so this is not transfer learning.")
+            if hp.backbone == "resnet50":  # its random features are nearly useless: say so, and what to run instead
+                print(
+                    "  A random ResNet-50 gives its head little to learn from (about 26% test in fp32, chance in "
+                    "bf16). An offline dry run that learns something (73.5%, seconds on 2 cores): "
+                    "--weights none --backbone resnet18 --image-size 32 --subset 10000 --epochs 10"
+                )
         run.record.update(backbone=hp.backbone, weights=weights_id, image_size=hp.image_size)
         backbone = backbone.to(run.device, memory_format=torch.channels_last)
         preprocess = Preprocess(hp.image_size, mean, std).to(run.device)
         head = Head(FEATURES[hp.backbone], hp.dropout).to(run.device)
         data_dir = common.find_fashion_mnist(hp.data_dir)
-        x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.load_fashion_mnist(data_dir))
+        x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.read_fashion_mnist(data_dir))
         run.record["data_dir"] = str(data_dir)
         amp = common.autocast(run.device, run.precision)
         scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")  # a no-op unless fp16

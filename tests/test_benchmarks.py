@@ -120,6 +120,7 @@ def test_a_stopped_speed_benchmark_leaves_no_copy_of_the_dataset(real_data_dir, 
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("*/tv/FashionMNIST/raw/t10k-labels-idx1-ubyte")) and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert list(tmp_path.glob("*/tv/FashionMNIST/raw/*")), "the benchmark never made its copy of the data"
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)

@@ -183,7 +183,7 @@ def test_nan_or_missing_accuracies_are_skipped_and_named(tmp_path, capsys):
     table = rows(lines)
     assert list(table) == ["A"] and table["A"].split()[2:4] == ["3", "90.70"] and "nan" not in table["A"]
     assert [line.split()[2] for line in err] == ["run-003:", "run-004:", "run-005:"]
-    assert "val_acc is nan" in err[0] and "test_acc is inf" in err[1] and "val_acc is None" in err[2]
+    assert "val_acc is nan" in err[0] and "test_acc is inf" in err[1] and "without a validation split" in err[2]
 
 
 def test_compare_skips_malformed_records_and_still_prints_the_table(tmp_path, capsys):
@@ -307,3 +307,20 @@ def test_an_out_dir_that_is_a_file_is_named_as_such(tmp_path, capsys):
     code, err = run_cli(compare, ["--out-dir", str(tmp_path / "runs")], capsys)
     assert code == 2
     one_line(err, "is a file, not a folder")
+
+
+def test_runs_in_another_precision_or_on_other_hardware_form_their_own_group(tmp_path, capsys):
+    """PRECISION "auto" is bf16 on one machine and fp32 on another: the same seed is not the same run there."""
+    records = []
+    for precision, device in (
+        ("bf16", "AMD EPYC, 2 threads"),
+        ("fp32", "AMD EPYC, 2 threads"),
+        ("bf16", "NVIDIA H200"),
+    ):
+        for seed in (1, 2):
+            record = fake_record(seed, 0.9, PRECISION="auto", DEVICE="auto")
+            records.append({**record, "precision": precision, "device_name": device})
+    write_runs(tmp_path / "runs", records)
+    lines, _ = compare_out(tmp_path / "runs", capsys)
+    assert list(rows(lines)) == ["A", "B", "C"]
+    assert any("precision=fp32" in line for line in lines) and any("device=NVIDIA H200" in line for line in lines)

@@ -4,6 +4,7 @@ and a bad value, given as a flag or edited into a constant, is refused in one li
 resnet_transfer.py's own settings (--backbone, --image-size, --weights) are tested in test_transfer.py.
 """
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 import ann
 import cnn
 import common
-from conftest import SMALL, one_line, run_cli
+import plumbing
+from conftest import ROOT, SMALL, one_line, run_cli
 
 # ----------------------------------------------------------------------------------------------
 # Constants are flags
@@ -26,6 +28,14 @@ def test_flags_override_constants_and_defaults_are_the_constants():
     assert defaults == {
         k.lower(): v for k, v in vars(ann).items() if k.isupper() and type(v) in (int, float, str, bool)
     }
+
+
+@pytest.mark.parametrize("script", ["ann", "cnn", "resnet_transfer", "predict", "compare"])
+def test_every_constant_has_a_one_line_comment_that_becomes_its_help(script):
+    source = (ROOT / f"{script}.py").read_text()
+    constants = plumbing._constants(vars(importlib.import_module(script)), script)  # those that become flags
+    helps = plumbing._comments(source)
+    assert constants and all(helps.get(name) for name in constants), set(constants) - set(helps)
 
 
 def test_help_lists_every_constant_with_its_comment_and_default(capsys):
@@ -128,7 +138,8 @@ def test_the_largest_seed_trains(real_data_dir, tmp_path, capsys):
     ],
 )
 def test_bad_settings_are_refused_before_any_work(argv, names, capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "load_fashion_mnist", lambda *a: pytest.fail("data loaded despite a bad setting"))
+    for name in ("find_fashion_mnist", "read_fashion_mnist", "load_fashion_mnist"):  # none may run, nor download
+        monkeypatch.setattr(common, name, lambda *a: pytest.fail("data looked for despite a bad setting"))
     code, err = run_cli(cnn, argv + ["--out-dir", str(tmp_path)], capsys)
     assert code == 2
     one_line(err, names)
