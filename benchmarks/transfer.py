@@ -125,7 +125,8 @@ def markdown(results):
     ]
     for size in sorted(set(results["accuracy"]) | set(results["timing"])):
         acc, timing = results["accuracy"].get(size), results["timing"].get(size)
-        test = f"{acc['test_acc_mean']:.2%} ± {acc['test_acc_std']:.2%}" if acc else ""
+        spread = f" ± {acc['test_acc_std']:.2%}" if acc and len(acc["test_acc"]) > 1 else " (one seed)"
+        test = f"{acc['test_acc_mean']:.2%}{spread}" if acc else ""
         val = f"{acc['val_acc_mean']:.2%}" if acc and acc["val_acc_mean"] is not None else ""
         first = f"{acc['first_run_seconds']:.0f}" if acc else ""
         extraction = f"{timing['seconds_70k']:.0f} ({timing['precision']})" if timing else ""
