@@ -103,8 +103,7 @@ def main(argv=None):
             val_loss, val_acc = common.evaluate(evaluated, *data.val, amp, hp.tta_flip)
             run.log_epoch(epoch, train_loss, train_acc, val_loss, val_acc, scheduler.get_last_lr()[0])
 
-        train_acc = common.evaluate(evaluated, *data.train, amp, hp.tta_flip)[1]
-        val_acc = common.evaluate(evaluated, *data.val, amp, hp.tta_flip)[1]
+        train_acc = common.evaluate(evaluated, *data.train, amp, hp.tta_flip)[1]  # val_acc: the last epoch's
         # The test set, evaluated once, after training: every choice was made on validation.
         test_logits = common.predict(evaluated, data.test[0], amp, hp.tta_flip)
         return run.report(evaluated, train_acc, val_acc, test_logits, data.test[1], splits.test[0])

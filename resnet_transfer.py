@@ -248,8 +248,7 @@ def main(argv=None):
             val_loss, val_acc = common.evaluate(model, *data.val, amp)
             run.log_epoch(epoch, train_loss, train_acc, val_loss, val_acc, scheduler.get_last_lr()[0])
 
-        train_acc = common.evaluate(model, *data.train, amp)[1]
-        val_acc = common.evaluate(model, *data.val, amp)[1]
+        train_acc = common.evaluate(model, *data.train, amp)[1]  # val_acc: the last epoch's
         # The test set, evaluated once, after training: every choice was made on validation.
         test_logits = common.predict(model, data.test[0], amp)
         return run.report(model, train_acc, val_acc, test_logits, data.test[1], x_test)
