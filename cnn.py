@@ -3,6 +3,8 @@
 Run `python cnn.py`, or override any constant below from the command line (`python cnn.py --epochs 5`).
 """
 
+import startup  # noqa: F401  (first: a Ctrl-C while torch loads ends without a traceback)
+
 import torch
 import torch.nn as nn
 

@@ -24,6 +24,8 @@ import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
+import startup  # noqa: F401  (first: a Ctrl-C while torch loads ends without a traceback)
+
 import common
 
 # --- Settings: each one is also a flag (LAST -> --last).

@@ -19,6 +19,7 @@ import reprlib
 import signal
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -559,6 +560,16 @@ def _stop(signum, frame):
     raise Stopped(signum)
 
 
+def _stop_again(unraisable):
+    """sys.unraisablehook: a Ctrl-C or stop signal that landed inside a finalizer (a __del__), where Python can
+    only print its exception and carry on, is sent again a moment later, to land where it stops the program."""
+    error = unraisable.exc_value
+    if not isinstance(error, KeyboardInterrupt):
+        return sys.__unraisablehook__(unraisable)
+    signum = error.signum if isinstance(error, Stopped) else signal.SIGINT
+    threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()  # later: this hook must have returned
+
+
 @contextlib.contextmanager
 def signals_ignored():
     """Ctrl-C and the stop signals are ignored inside the block, so a second one cannot cut a record short."""
@@ -594,7 +605,9 @@ def run_main(main, argv=None):
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+    handlers = {signal.SIGINT: signal.default_int_handler, **{s: _stop for s in STOP_SIGNALS}}
+    previous = {s: signal.signal(s, handler) for s, handler in handlers.items()}  # startup.py set SIGINT's
+    sys.unraisablehook = _stop_again
     try:
         main(argv)
         sys.stdout.flush()  # lines still buffered meet a closed pipe or a full disk here, not at exit
@@ -628,4 +641,5 @@ def run_main(main, argv=None):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = sys.__unraisablehook__
     return 0

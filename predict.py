@@ -20,6 +20,8 @@ import struct
 import sys
 from pathlib import Path
 
+import startup  # noqa: F401  (first: a Ctrl-C while torch loads ends without a traceback)
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError

@@ -10,6 +10,8 @@ import re
 import sys
 from pathlib import Path
 
+import startup  # noqa: F401  (first: a Ctrl-C while torch loads ends without a traceback)
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import startup  # noqa: E402, F401  (first: a Ctrl-C while torch loads ends without a traceback)
+
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 

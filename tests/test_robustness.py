@@ -106,6 +106,43 @@ def test_ctrl_c_while_the_plots_are_shown_keeps_the_run_completed(real_data_dir,
 # Training that goes wrong
 
 
+SCRIPTS = ["ann.py", "cnn.py", "resnet_transfer.py", "predict.py", "compare.py"] + [
+    f"benchmarks/{name}.py" for name in ("accuracy", "speed", "cnn_step", "transfer", "gpu_check")
+]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_while_torch_loads_is_one_line(script, tmp_path):
+    # A stand-in `torch` earlier on the path presses Ctrl-C in the middle of the import, every time.
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    one_line(done.stderr.splitlines(), f"{script.split('/')[-1]}: interrupted")
+
+
+def test_a_stop_that_lands_in_a_finalizer_still_stops_the_program(tmp_path):
+    # Python runs a signal handler wherever the program is; inside a __del__ its exception can only be printed
+    # ("Exception ignored") and dropped, and the program carried on to exit 0.
+    program = tmp_path / "finalizer.py"
+    program.write_text(
+        f"import os, signal, sys, time\nsys.path.insert(0, {str(ROOT)!r})\nimport plumbing\n\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGHUP)\n"
+        "        sum(range(100000))  # the handler runs here, inside the finalizer\n\n"
+        "def main(argv):\n    Finalized()\n    time.sleep(5)\n    print('finished')\n\n"
+        "sys.exit(plumbing.run_main(main))\n"
+    )
+    done = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 129, (done.returncode, done.stderr)
+    assert "finished" not in done.stdout
+    one_line(done.stderr.splitlines(), "stopped by SIGHUP")
+
+
 def test_divergence_stops_with_status_diverged(real_data_dir, out_dir, capsys):
     code, err = run_cli(cnn, SMALL + ["--epochs", "3", "--lr", "1e12", "--out-dir", str(out_dir)], capsys)
     assert code == 1 and "smaller --lr" in err[-1]
