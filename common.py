@@ -243,12 +243,13 @@ def tta_views(x, flip=False, max_shift=0, background=None):
 
 
 @torch.inference_mode()
-def predict(model, x, amp, tta_flip=False, tta_shift=0):
-    """Logits for all of x, in large chunks; with tta_flip or tta_shift, averaged over `tta_views`."""
+def predict(model, x, amp, tta_flip=False, tta_shift=0, chunk=2048):
+    """Logits for all of x, `chunk` images per forward pass (the memory it takes grows with it); with tta_flip or
+    tta_shift, averaged over `tta_views`."""
     model.eval()
     background = float(x.min()) if len(x) else 0.0  # one value for all chunks: the black pixel
     chunks = []
-    for xb in x.split(2048):
+    for xb in x.split(chunk):
         views = tta_views(xb, tta_flip, tta_shift, background)
         with amp:
             logits = sum(model(view.contiguous()).float() for view in views) / len(views)
@@ -256,11 +257,11 @@ def predict(model, x, amp, tta_flip=False, tta_shift=0):
     return torch.cat(chunks)
 
 
-def evaluate(model, x, y, amp, tta_flip=False, tta_shift=0):
+def evaluate(model, x, y, amp, tta_flip=False, tta_shift=0, chunk=2048):
     """(cross-entropy loss, accuracy) of the model on x, y; (None, None) when x is empty."""
     if not len(x):
         return None, None
-    return scores(predict(model, x, amp, tta_flip, tta_shift), y)
+    return scores(predict(model, x, amp, tta_flip, tta_shift, chunk), y)
 
 
 def scores(logits, labels):

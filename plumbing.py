@@ -589,6 +589,17 @@ def _out_of_memory(error):
     )
 
 
+# The settings that size a script's tensors, smallest first in the out-of-memory advice where the script has them.
+MEMORY_SETTINGS = ["BATCH_SIZE", "EXTRACT_BATCH", "IMAGE_SIZE", "FC_WIDTH"]
+
+
+def _memory_advice(main):
+    flags = [_flag(name) for name in MEMORY_SETTINGS if name in main.__globals__]  # the script's settings
+    if not flags:
+        return "close other programs, or use a device with more memory"
+    return "use a smaller " + (" or ".join(flags) if len(flags) < 3 else ", ".join(flags[:-1]) + " or " + flags[-1])
+
+
 def _output_gone():
     """Point stdout at /dev/null, so that Python's own flush at exit meets no closed pipe or full disk either."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -636,7 +647,7 @@ def run_main(main, argv=None):
         if not _out_of_memory(error):
             raise
         reason = str(error).splitlines()[0][:160]
-        print(f"{script}: error: out of memory ({reason}); use smaller --batch-size or model sizes", file=sys.stderr)
+        print(f"{script}: error: out of memory ({reason}); {_memory_advice(main)}", file=sys.stderr)
         return 2
     finally:
         for s, handler in previous.items():

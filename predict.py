@@ -55,7 +55,18 @@ MODELS = {
 RECORDED = {
     "ann": ("DROPOUT", "TTA_FLIP", "SUBSET", "PRECISION"),
     "cnn": ("DROPOUT", "FC_WIDTH", "TTA_FLIP", "SUBSET", "PRECISION"),
-    "resnet_transfer": ("BACKBONE", "WEIGHTS", "IMAGE_SIZE", "FINETUNE", "DROPOUT", "SEED", "SUBSET", "PRECISION"),
+    "resnet_transfer": (
+        "BACKBONE",
+        "WEIGHTS",
+        "IMAGE_SIZE",
+        "FINETUNE",
+        "DROPOUT",
+        "BATCH_SIZE",
+        "EXTRACT_BATCH",
+        "SEED",
+        "SUBSET",
+        "PRECISION",
+    ),
 }
 OPTIONAL = ("TTA_SHIFT",)  # ann.py has none, and cnn.py runs from before it had one evaluated without it
 
@@ -221,12 +232,13 @@ def build_model(run_dir, record, hp, device):
     if hp.finetune:  # model.pt holds the whole fine-tuned model: backbone (with its trained layer4) and head
         finetuned = resnet_transfer.FineTuned(preprocess, backbone, model)
         finetuned = with_weights(finetuned, state, run_dir, "resnet_transfer.py --finetune", device)
-        return lambda x: common.predict(finetuned, x, amp)
+        return lambda x: common.predict(finetuned, x, amp, chunk=hp.batch_size)  # the memory training took
     head = with_weights(model, state, run_dir, "resnet_transfer.py head", device)
     backbone = backbone.to(device, memory_format=torch.channels_last)
     preprocess = preprocess.to(device)
     extract = resnet_transfer.extract_features
-    return lambda x: common.predict(head, extract(preprocess, backbone, x, device, amp, 256), amp)
+    features = lambda x: extract(preprocess, backbone, x, device, amp, hp.extract_batch)
+    return lambda x: common.predict(head, features(x), amp, chunk=hp.batch_size)
 
 
 def with_weights(model, state, run_dir, name, device):

@@ -243,16 +243,18 @@ def main(argv=None):
         def augment(images):
             return common.random_flip_and_shift(images.float(), hp.max_shift, generator, flip=hp.flip)
 
+        # Evaluation runs BATCH_SIZE inputs at a time, as training does: with FINETUNE the backbone runs on every
+        # image evaluated, and a batch that fits a training step fits here too (at 512 px an image takes 30-55 MB).
         run.start_training(model)
         for epoch in range(1, hp.epochs + 1):
             batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment if hp.finetune else None)
             train_loss, train_acc = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp, scaler)
-            val_loss, val_acc = common.evaluate(model, *data.val, amp)
+            val_loss, val_acc = common.evaluate(model, *data.val, amp, chunk=hp.batch_size)
             run.log_epoch(epoch, train_loss, train_acc, val_loss, val_acc, scheduler.get_last_lr()[0])
 
-        train_acc = common.evaluate(model, *data.train, amp)[1]  # val_acc: the last epoch's
+        train_acc = common.evaluate(model, *data.train, amp, chunk=hp.batch_size)[1]  # val_acc: the last epoch's
         # The test set, evaluated once, after training: every choice was made on validation.
-        test_logits = common.predict(model, data.test[0], amp)
+        test_logits = common.predict(model, data.test[0], amp, chunk=hp.batch_size)
         return run.report(model, train_acc, val_acc, test_logits, data.test[1], x_test)
 
 

@@ -8,10 +8,12 @@ given to predict.py in test_predict.py.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -19,7 +21,10 @@ import torch
 import ann
 import cnn
 import common
+import compare
 import plumbing
+import predict
+import resnet_transfer as rt
 from conftest import ROOT, SMALL, one_line, run_cli
 
 # ----------------------------------------------------------------------------------------------
@@ -156,6 +161,39 @@ def test_a_model_too_large_for_memory_is_one_line_and_leaves_no_folder(real_data
     assert code == 2
     one_line(err, "out of memory")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script", [ann, cnn, rt, predict, compare])
+def test_out_of_memory_advice_names_only_flags_the_script_has(script, capsys):
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 34.00 GiB")
+
+    def main(argv):
+        raise error
+
+    in_script = types.FunctionType(main.__code__, vars(script), closure=main.__closure__)  # sees its settings
+    code, err = run_cli(types.SimpleNamespace(main=in_script), [], capsys)
+    assert code == 2
+    one_line(err, "out of memory", "34.00 GiB")
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    flags = set(re.findall(r"--[a-z-]+", capsys.readouterr().out))
+    assert set(re.findall(r"--[a-z-]+", err[0])) <= flags
+
+
+def test_fine_tuned_evaluation_runs_the_backbone_batch_size_images_at_a_time(real_data_dir, tmp_path, monkeypatch):
+    # With --finetune the backbone runs on every image evaluated, at IMAGE_SIZE: chunks of 2,048 images asked for
+    # 100 GB at 512 px. Chunks of BATCH_SIZE take no more memory than a training step.
+    batches = []
+    forward = rt.FineTuned.forward
+    monkeypatch.setattr(
+        rt.FineTuned, "forward", lambda self, x: batches.append((self.training, len(x))) or forward(self, x)
+    )
+    tiny = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--subset", "600", "--val-size", "100"]
+    rt.main(tiny + ["--finetune", "--epochs", "1", "--batch-size", "50", "--out-dir", str(tmp_path)])
+    (run,) = tmp_path.iterdir()
+    predict.main([str(run), "--test"])
+    assert max(size for training, size in batches if training) == 50
+    assert max(size for training, size in batches if not training) == 50
 
 
 # ----------------------------------------------------------------------------------------------
