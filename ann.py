@@ -3,7 +3,7 @@
 Run `python ann.py`, or override any constant below from the command line (`python ann.py --epochs 5`).
 """
 
-import startup  # noqa: F401  (first: a Ctrl-C while torch loads ends without a traceback)
+import quiet_ctrl_c  # noqa: F401  (before torch: a Ctrl-C while it loads ends without a traceback)
 
 import torch
 import torch.nn as nn

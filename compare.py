@@ -24,7 +24,7 @@ import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
-import startup  # noqa: F401  (first: a Ctrl-C while torch loads ends without a traceback)
+import quiet_ctrl_c  # noqa: F401  (before torch: a Ctrl-C while it loads ends without a traceback)
 
 import common
 

@@ -560,14 +560,37 @@ def _stop(signum, frame):
     raise Stopped(signum)
 
 
-def _stop_again(unraisable):
-    """sys.unraisablehook: a Ctrl-C or stop signal that landed inside a finalizer (a __del__), where Python can
-    only print its exception and carry on, is sent again a moment later, to land where it stops the program."""
-    error = unraisable.exc_value
-    if not isinstance(error, KeyboardInterrupt):
-        return sys.__unraisablehook__(unraisable)
-    signum = error.signum if isinstance(error, Stopped) else signal.SIGINT
-    threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()  # later: this hook must have returned
+class _StopAgain:
+    """sys.unraisablehook while main runs. Python runs a signal handler wherever the program is; inside a
+    finalizer (a __del__) the Ctrl-C or stop it raises can only be printed ("Exception ignored") and dropped.
+    This sends the signal again a moment later, to land where it stops the program, and remembers it."""
+
+    def __init__(self):
+        self.previous, self.signum, self.timer = sys.unraisablehook, None, None
+
+    def __call__(self, unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return self.previous(unraisable)
+        self.signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
+        self.timer = threading.Timer(0.01, _send_to_main_thread, (self.signum,))  # once this hook has returned
+        self.timer.daemon = True
+        self.timer.start()
+
+    def finish(self):
+        """Nothing is sent after this; a stop still owed is raised here, where run_main handles it."""
+        sys.unraisablehook = self.previous
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer.join()
+        if self.signum is not None:
+            raise KeyboardInterrupt if self.signum == signal.SIGINT else Stopped(self.signum)
+
+
+def _send_to_main_thread(signum):
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signum)  # wakes it even from a sleep
+    else:  # Windows, where os.kill would end the process at once
+        signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
@@ -589,12 +612,12 @@ def _out_of_memory(error):
     )
 
 
-# The settings that size a script's tensors, smallest first in the out-of-memory advice where the script has them.
+# The settings that size a script's tensors: the out-of-memory advice names those the script has.
 MEMORY_SETTINGS = ["BATCH_SIZE", "EXTRACT_BATCH", "IMAGE_SIZE", "FC_WIDTH"]
 
 
 def _memory_advice(main):
-    flags = [_flag(name) for name in MEMORY_SETTINGS if name in main.__globals__]  # the script's settings
+    flags = [_flag(name) for name in MEMORY_SETTINGS if name in getattr(main, "__globals__", {})]  # the script's
     if not flags:
         return "close other programs, or use a device with more memory"
     return "use a smaller " + (" or ".join(flags) if len(flags) < 3 else ", ".join(flags[:-1]) + " or " + flags[-1])
@@ -617,10 +640,13 @@ def run_main(main, argv=None):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     handlers = {signal.SIGINT: signal.default_int_handler, **{s: _stop for s in STOP_SIGNALS}}
-    previous = {s: signal.signal(s, handler) for s, handler in handlers.items()}  # startup.py set SIGINT's
-    sys.unraisablehook = _stop_again
+    previous = {s: signal.signal(s, handler) for s, handler in handlers.items()}  # quiet_ctrl_c.py set SIGINT's
+    sys.unraisablehook = stop_again = _StopAgain()
     try:
-        main(argv)
+        try:
+            main(argv)
+        finally:
+            stop_again.finish()
         sys.stdout.flush()  # lines still buffered meet a closed pipe or a full disk here, not at exit
     except UserError as error:
         print(f"{script}: error: {error}", file=sys.stderr)
@@ -652,5 +678,4 @@ def run_main(main, argv=None):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        sys.unraisablehook = sys.__unraisablehook__
     return 0

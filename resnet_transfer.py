@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-import startup  # noqa: F401  (first: a Ctrl-C while torch loads ends without a traceback)
+import quiet_ctrl_c  # noqa: F401  (before torch: a Ctrl-C while it loads ends without a traceback)
 
 import torch
 import torch.nn as nn

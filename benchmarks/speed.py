@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import startup  # noqa: E402, F401  (first: a Ctrl-C while torch loads ends without a traceback)
+import quiet_ctrl_c  # noqa: E402, F401  (before torch: a Ctrl-C while it loads ends without a traceback)
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
