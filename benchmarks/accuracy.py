@@ -48,7 +48,7 @@ ABLATIONS = {
         "weight decay 0.01 instead of 0.1": ["--weight-decay", "0.01"],
     },
     "cnn": {
-        "with flips, in training and at test time (off by default)": ["--flip", "--tta-flip"],
+        "no flips, in training or at test time": ["--no-flip", "--no-tta-flip"],
         "no shift augmentation": ["--max-shift", "0"],
         "no label smoothing": ["--label-smoothing", "0"],
         "no EMA of weights": ["--ema-decay", "0"],

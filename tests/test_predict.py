@@ -85,6 +85,19 @@ def test_photos_get_the_class_the_original_images_get(runs, test_images, tmp_pat
     assert agreement >= 0.90
 
 
+def test_photos_get_the_same_class_facing_either_way(runs, test_images, tmp_path, capsys):
+    """All of Fashion-MNIST's footwear faces left; the CNN trains with flips and averages each image with its
+    mirror, so a shoe photographed facing right gets the answer it gets facing left (without flips, 31% of
+    mirrored footwear was recognised)."""
+    out = ["--out", str(tmp_path / "predictions.png")]
+    predict.main([str(runs["cnn"]), str(save_photos(test_images, tmp_path / "photos")), *out])
+    as_they_are = predicted_classes(capsys.readouterr().out)
+    predict.main([str(runs["cnn"]), str(save_photos(test_images.flip(3), tmp_path / "mirrored")), *out])
+    mirrored = predicted_classes(capsys.readouterr().out)
+    assert len(as_they_are) == len(mirrored) == 200
+    assert sum(a == b for a, b in zip(as_they_are, mirrored, strict=True)) >= 196
+
+
 def test_raw_images_are_predicted_as_in_training(runs, test_images, real_data_dir, tmp_path, capsys):
     """--raw on the test images saved as PNGs gives the probabilities the trained model gives those images as
     its run evaluated them: its script's model and model.pt, on the test split normalised as in training."""

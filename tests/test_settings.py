@@ -21,8 +21,8 @@ from conftest import ROOT, SMALL, one_line, run_cli
 
 
 def test_flags_override_constants_and_defaults_are_the_constants():
-    hp = common.parse_hparams(vars(cnn), ["--epochs", "3", "--lr", "0.5", "--flip", "--fc-width", "64"])
-    assert (hp.epochs, hp.lr, hp.flip, hp.fc_width) == (3, 0.5, True, 64)
+    hp = common.parse_hparams(vars(cnn), ["--epochs", "3", "--lr", "0.5", "--no-flip", "--fc-width", "64"])
+    assert (hp.epochs, hp.lr, hp.flip, hp.fc_width) == (3, 0.5, False, 64)
     assert hp.batch_size == cnn.BATCH_SIZE and hp.seed == cnn.SEED
     defaults = vars(common.parse_hparams(vars(ann), []))
     assert defaults == {
@@ -67,7 +67,7 @@ def test_a_float_setting_keeps_a_float_flag_whatever_its_default_is_written_as()
 
 
 def test_tta_flip_without_flip_is_recorded_as_off(capsys):
-    hp = common.parse_hparams(vars(cnn), ["--tta-flip"])
+    hp = common.parse_hparams(vars(cnn), ["--no-flip"])
     assert hp.tta_flip is False and "--tta-flip is off because --flip is off" in capsys.readouterr().out
     assert common.parse_hparams(vars(cnn), ["--tta-flip", "--flip"]).tta_flip is True
 
