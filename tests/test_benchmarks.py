@@ -58,6 +58,21 @@ def test_speed_benchmark_quick(real_data_dir, tmp_path):
     assert "| ann |" in table and "Transfer (resnet18" in table and "CNN profile" in table
 
 
+def test_footwear_benchmark_on_a_short_default_cnn_run(real_data_dir, tmp_path):
+    runs = tmp_path / "runs"
+    train = ["--subset", "2000", "--val-size", "500", "--epochs", "1", "--out-dir", str(runs)]
+    subprocess.run([sys.executable, "cnn.py", *train], cwd=ROOT, capture_output=True, check=True, timeout=600)
+    argv = ["--runs", str(runs), "--images", "300", "--results", str(tmp_path)]
+    done = subprocess.run([sys.executable, "benchmarks/footwear.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (group,) = json.loads((tmp_path / "footwear.json").read_text())["groups"]
+    assert len(group["runs"]) == 1 and group["name"] == "cnn"
+    # The default CNN averages each image with its mirror: footwear gets the same answer either way.
+    assert group["mean"]["footwear"] == group["mean"]["footwear mirrored"]
+    assert all(0 <= value <= 100 for value in group["mean"].values())
+    assert "| cnn | 1 |" in (tmp_path / "footwear.md").read_text()
+
+
 def test_cnn_step_benchmark_smoke():
     result = subprocess.run(
         [sys.executable, "benchmarks/cnn_step.py", "--steps", "1", "--repeats", "1"],
@@ -95,6 +110,8 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(real_data_dir, tmp_path):
         (["cnn_step.py", "--repeats", "0"], "--steps and --repeats take a count of at least 1"),
         (["accuracy.py", "--quick", "--lr", "nan"], "--lr (LR) = nan is not allowed"),
         (["speed.py", "--quick", "--results", "README.md"], "--results README.md is a file, not a folder"),
+        (["footwear.py", "--images", "0"], "--images 0: use a number from 1 to 10000"),
+        (["footwear.py", "--runs", "README.md"], "--runs README.md: not a folder"),
     ],
 )
 def test_a_bad_benchmark_setting_is_one_line_and_exit_code_2(argv, words):

@@ -112,7 +112,7 @@ def test_ctrl_c_while_the_plots_are_shown_keeps_the_run_completed(real_data_dir,
 
 
 SCRIPTS = ["ann.py", "cnn.py", "resnet_transfer.py", "predict.py", "compare.py"] + [
-    f"benchmarks/{name}.py" for name in ("accuracy", "speed", "cnn_step", "transfer", "gpu_check")
+    f"benchmarks/{name}.py" for name in ("accuracy", "speed", "cnn_step", "transfer", "gpu_check", "footwear")
 ]
 
 
