@@ -620,7 +620,7 @@ def _memory_advice(main):
     flags = [_flag(name) for name in MEMORY_SETTINGS if name in getattr(main, "__globals__", {})]  # the script's
     if not flags:
         return "close other programs, or use a device with more memory"
-    return "use a smaller " + (" or ".join(flags) if len(flags) < 3 else ", ".join(flags[:-1]) + " or " + flags[-1])
+    return "use a smaller " + (", ".join(flags[:-1]) + " or " if len(flags) > 1 else "") + flags[-1]
 
 
 def _output_gone():

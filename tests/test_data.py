@@ -181,6 +181,15 @@ def test_bad_data_files_exit_2_with_one_line_naming_one_and_leave_no_run_folder(
 # Finding: the folder the user named, or ./data, the Debian package's folder, or a download
 
 
+def naming_data_dir(folder, from_env, tmp_path, monkeypatch):
+    """ann.py's arguments with the data folder named by $FASHION_MNIST_DIR or by --data-dir."""
+    argv = ["--out-dir", str(tmp_path / "runs")]
+    if from_env:
+        monkeypatch.setenv("FASHION_MNIST_DIR", str(folder))
+        return argv
+    return argv + ["--data-dir", str(folder)]
+
+
 @pytest.mark.parametrize("from_env", [False, True])
 def test_a_missing_data_folder_a_file_or_a_symlink_loop_is_named_as_such(from_env, tmp_path, monkeypatch, capsys):
     a_file, loop = tmp_path / "a-file", tmp_path / "loop"
@@ -188,12 +197,7 @@ def test_a_missing_data_folder_a_file_or_a_symlink_loop_is_named_as_such(from_en
     loop.symlink_to(loop)
     flag = "$FASHION_MNIST_DIR" if from_env else "--data-dir"
     for folder, words in ((tmp_path / "nowhere", "does not exist"), (a_file, "is a file"), (loop, "symlink loop")):
-        argv = ["--out-dir", str(tmp_path / "runs")]
-        if from_env:
-            monkeypatch.setenv("FASHION_MNIST_DIR", str(folder))
-        else:
-            argv += ["--data-dir", str(folder)]
-        code, err = run_cli(ann, argv, capsys)
+        code, err = run_cli(ann, naming_data_dir(folder, from_env, tmp_path, monkeypatch), capsys)
         assert code == 2
         one_line(err, flag, str(folder), words)
         assert not any((tmp_path / "runs").iterdir())
@@ -216,12 +220,7 @@ def test_a_named_data_folder_without_the_files_is_used_not_passed_over(
     named.mkdir()
     if holds != "nothing":
         shutil.copy(common.find_file(real_data_dir, "t10k-labels-idx1-ubyte"), named)
-    argv = ["--out-dir", str(tmp_path / "runs")]
-    if from_env:
-        monkeypatch.setenv("FASHION_MNIST_DIR", str(named))
-    else:
-        argv += ["--data-dir", str(named)]
-    code, err = run_cli(ann, argv, capsys)
+    code, err = run_cli(ann, naming_data_dir(named, from_env, tmp_path, monkeypatch), capsys)
     assert code == 2
     one_line(err, f"could not download Fashion-MNIST into {named}")
     assert not any((tmp_path / "runs").iterdir())
