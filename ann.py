@@ -3,8 +3,6 @@
 Run `python ann.py`, or override any constant below from the command line (`python ann.py --epochs 5`).
 """
 
-import quiet_ctrl_c  # noqa: F401  (before torch: a Ctrl-C while it loads ends without a traceback)
-
 import torch
 import torch.nn as nn
 
@@ -76,16 +74,18 @@ def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, ema, amp, sca
 
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv)
-    with common.Run("ann", hp) as run:
+    device = common.pick_device(hp.device)  # auto: CUDA, then Apple's MPS, then the CPU
+    precision = common.pick_precision(hp.precision, device)  # auto: 16 bits where the device has the units for it
+    amp = common.autocast(device, precision)  # the context the forward passes run in
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
+    with common.Run("ann", hp, device, precision) as run:
         torch.manual_seed(hp.seed)
         data_dir = common.find_fashion_mnist(hp.data_dir)
         splits = common.load_splits(data_dir, hp.subset, hp.val_size, hp.seed)
-        data, normalization = common.to_device_normalized(splits, run.device)
+        data, normalization = common.to_device_normalized(splits, device)
         run.record.update(data_dir=str(data_dir), normalization=normalization)
-        amp = common.autocast(run.device, run.precision)
-        scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")  # a no-op unless fp16
 
-        model = ANN(hp.dropout).to(run.device)
+        model = ANN(hp.dropout).to(device)
         # fused: one kernel updates every parameter, 3x faster steps than the default on a CPU
         optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
         steps = hp.epochs * common.steps_per_epoch(len(data.train[0]), hp.batch_size)
@@ -93,7 +93,7 @@ def main(argv=None):
         ema = common.ema_model(model, hp.ema_decay) if hp.ema_decay else None
         evaluated = ema if ema is not None else model  # the weight average, where there is one, is what gets evaluated
         loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
-        generator = torch.Generator(run.device).manual_seed(hp.seed)  # batch order and augmentation
+        generator = torch.Generator(device).manual_seed(hp.seed)  # batch order and augmentation
 
         def augment(images):
             return common.random_flip_and_shift(images, hp.max_shift, generator, flip=hp.flip)

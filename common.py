@@ -1,19 +1,20 @@
 """The toolbox that ann.py, cnn.py and resnet_transfer.py share, in the order a run uses it.
 
-Data, augmentation, the learning-rate schedule and the weight average, batches and the running tally of an
-epoch, evaluation, the run's record and report, plots. Each helper does one thing; models, optimizers,
-recipes, the training step and the test evaluation are what a reader came to see, so they live in the
-scripts. The robustness plumbing (checked settings, verified files,
-atomic writes, clean stops) is in plumbing.py, and the names the scripts need from it are here too, so
-`import common` is all a script imports.
+Device and precision, data, augmentation, the learning-rate schedule and the weight average, batches and the
+running tally of an epoch, evaluation, the run's record and report, plots. Each helper does one thing; models,
+optimizers, recipes, the training step and the test evaluation are what a reader came to see, so they live in
+the scripts. What keeps a run safe (checked settings, verified files, atomic writes, clean stops) is in
+plumbing.py; the names the scripts need from it are here too, so `import common` is all a script imports.
 """
 
 import contextlib
 import datetime
+import io
 import itertools
 import json
 import math
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -31,25 +32,111 @@ from plumbing import (  # noqa: F401  (re-exported for the scripts)
     atomic_write,
     check_recorded,
     check_state_dict,
-    deterministic_cudnn,
-    device_name,
     expand_path,
     find_fashion_mnist,
     find_file,
-    load_cached_tensors,
-    load_weights_file,
+    load_tensors,
     parse_hparams,
+    read_file,
     read_idx,
-    resolve_device,
-    resolve_precision,
     run_main,
     save_tensors,
     signals_ignored,
-    use_tf32,
+    state_bytes,
     writable_folder,
 )
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and precision: each script's main() picks them in three lines.
+
+
+def pick_device(name):
+    """DEVICE: "auto" picks CUDA, then Apple's MPS, then the CPU; a device named must exist. On CUDA, cuDNN is
+    told to use only deterministic kernels, so that a seed gives the same numbers twice on one GPU (the CPU's
+    kernels are deterministic already)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0 or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
+    if name.startswith("cuda"):
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    return torch.device(name)
+
+
+def has_fast(dtype, device):
+    """Whether the device has units that compute in this 16-bit type at full speed (elsewhere it is emulated).
+
+    CUDA: bf16 from compute capability 8.0 (Ampere) on, fp16 tensor cores from 7.0 (Volta, Turing: the T4).
+    torch.cuda.is_bf16_supported() is no guide: it also answers True where bf16 is only emulated.
+    CPU: bf16 with AVX-512-BF16 or AMX, fp16 with AMX-FP16. MPS: not verified here, so neither."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return major >= (8 if dtype == "bf16" else 7)
+    if device.type == "cpu":
+        probes = (
+            ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == "bf16" else ("_is_amx_fp16_supported",)
+        )
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
+def pick_precision(name, device):
+    """PRECISION: "auto" picks bf16 where the device has bf16 units, else fp16 on CUDA tensor cores (with loss
+    scaling), else fp32. An explicit one is refused where it cannot work and warned about where it is emulated.
+    fp32 on an Ampere or newer GPU runs its matrix products in TF32 (fp32's range, a 10-bit mantissa), several
+    times faster, as cuDNN's convolutions already do by default."""
+    if name == "auto":
+        fp16 = device.type == "cuda" and has_fast("fp16", device)
+        name = "bf16" if has_fast("bf16", device) else "fp16" if fp16 else "fp32"
+    elif name == "bf16" and device.type == "mps":
+        raise UserError("--precision bf16 is not supported on MPS here; use fp16, fp32 or auto")
+    elif name != "fp32" and not torch.amp.is_autocast_available(device.type):
+        raise UserError(f"--precision {name}: PyTorch has no autocast for {device.type} here; use fp32 or auto")
+    elif name != "fp32" and device.type != "mps" and not has_fast(name, device):
+        print(
+            f"warning: --precision {name} on a {device.type.upper()} without {name} units is emulated and runs "
+            f"several times slower than fp32; --precision auto picks {pick_precision('auto', device)} here",
+            file=sys.stderr,
+        )
+    if name == "fp32" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        torch.set_float32_matmul_precision("high")
+    return name
+
+
+def autocast(device, precision):
+    """The context that the forward passes run in: autocast to bf16 or fp16 on the device (matrix products and
+    convolutions in 16 bits, sums and losses in fp32), a no-op for fp32. One object serves every `with` in turn."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
+
+
+def device_name(device):
+    """The device as the first line of a run names it: the GPU with its capability and memory, or the CPU."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}, {memory:.0f} GiB"
+    if device.type == "cpu":
+        return f"{cpu_model()}, {torch.get_num_threads()} threads"
+    return device.type
+
+
+def cpu_model():
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,13 +356,6 @@ def scores(logits, labels):
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def autocast(device, precision):
-    """The context that the forward passes run in: autocast to bf16 or fp16 on the device (matrix products and
-    convolutions in 16 bits, sums and losses in fp32), a no-op for fp32. One object serves every `with` in turn."""
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
-
-
 def confusion_matrix(predicted, labels):
     """10x10 counts on the CPU: rows are the true classes, columns the predicted ones."""
     confusion = torch.zeros(10, 10, dtype=torch.long, device=labels.device)
@@ -287,33 +367,47 @@ def confusion_matrix(predicted, labels):
 # The run: a folder per run with metrics.json (rewritten atomically after every epoch), plots and weights.
 
 
-class Run:
-    """One training run: its folder, settings, device, precision and metrics record."""
+RECORD_LIMIT = 2**24  # bytes: a record of ten thousand epochs takes about 2 MB
 
-    def __init__(self, script, hp):
+
+def read_record(path):
+    """A run's metrics.json as a dict, or a UserError saying what is wrong with it. It is read as every file a
+    user hands us is (a regular file, of bounded size), and must be JSON of a sane depth."""
+    data = read_file(path, "run record", RECORD_LIMIT)
+    try:
+        record = json.loads(data)
+    except RecursionError:  # json nests as deep as the file says: no record of a run is nested that deep
+        raise UserError(f"{path} is damaged (nested too deeply to be a run's record)") from None
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise UserError(f"{path} is unreadable ({type(error).__name__})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is not a run's record")
+    return record
+
+
+class Run:
+    """One training run: its folder, its settings and the device and precision main() picked, and its record."""
+
+    def __init__(self, script, hp, device, precision):
         self.started = time.perf_counter()
         self.script = script
         self.hp = hp
-        self.device = resolve_device(hp.device)
-        self.precision = resolve_precision(getattr(hp, "precision", "fp32"), self.device)
-        tf32 = use_tf32(self.device, self.precision)
-        deterministic_cudnn(self.device)
         self.kept_model = None
         self.reported = False  # True once the finished run's record, plots and summary are all written
         self.record = {
             "script": script,
             "status": "running",
-            "device": str(self.device),
-            "device_name": device_name(self.device),
-            "precision": self.precision,
-            "tf32": tf32,
+            "device": str(device),
+            "device_name": device_name(device),
+            "precision": precision,
+            "tf32": precision == "fp32" and torch.get_float32_matmul_precision() != "highest",
             "torch_version": torch.__version__,
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "hparams": {name.upper(): value for name, value in vars(hp).items()},
             "history": [],
             "final": None,
         }
-        print(f"{script}: device={self.device} ({self.record['device_name']}) precision={self.precision}")
+        print(f"{script}: device={device} ({self.record['device_name']}) precision={precision}")
         print("  " + "  ".join(f"{k.lower()}={v}" for k, v in self.record["hparams"].items()), flush=True)
         self.dir = self._make_dir(Path(hp.out_dir or HERE / "runs"))  # after the flush: an output that fails first
         print(f"  run folder: {self.dir}")  # (stdout on a full disk) leaves no empty folder behind
@@ -479,7 +573,7 @@ def plot_curves(history, path, title=""):
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_confusion(confusion, path, title=""):
@@ -500,7 +594,7 @@ def plot_confusion(confusion, path, title=""):
     ax.set_ylabel("true class (per-class accuracy)")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_misclassified(images, labels, logits, path, count=24):
@@ -520,7 +614,14 @@ def plot_misclassified(images, labels, logits, path, count=24):
         ax.axis("off")
     fig.suptitle(f"{len(wrong)} most confident mistakes of {int((predicted != labels).sum())}")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """The figure written as every output is (atomic_write): a link planted at path is replaced, never followed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png")
+    atomic_write(path, buffer.getvalue())
 
 
 def show_plots(paths):

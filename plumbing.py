@@ -1,8 +1,8 @@
-"""Robustness plumbing for the training scripts: nothing here is needed to see how a model trains.
+"""What keeps a run safe, and teaches nothing about training: checked settings, verified data files, files read
+within bounds and written atomically, and clean stops.
 
-Checked settings (the UPPER_CASE constants as flags), device and precision, verified data files, atomic
-writes, and clean stops on Ctrl-C and signals. Whatever a user can get wrong ends in one line and exit
-code 2 instead of a traceback. The scripts reach all of this through `common`.
+Whatever a user can get wrong ends in one line and exit code 2 instead of a traceback (`run_main`), and a run
+that trained an epoch keeps it. The scripts reach all of this through `common`.
 """
 
 import argparse
@@ -13,14 +13,14 @@ import hashlib
 import io
 import math
 import os
-import platform
 import re
 import reprlib
 import signal
+import stat
 import sys
 import tempfile
-import threading
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +50,13 @@ def expand_path(text):
         raise argparse.ArgumentTypeError(f"{text}: no such user to expand {text.split('/')[0]} for") from None
 
 
-# Every setting of every script: (type, check, what is allowed). The type is the flag's, whatever the
-# default is written as (DROPOUT = 0 still takes --dropout 0.3); a constant of another type is refused.
+def anything(value):
+    return True
+
+
+# The training scripts' settings: (type, check, what is allowed). The type is the flag's, whatever the default
+# is written as (DROPOUT = 0 still takes --dropout 0.3); a constant of another type is refused. predict.py and
+# compare.py add their own (`checks`). A run's record is checked against the same table (check_recorded).
 SETTINGS = {
     "EPOCHS": (int, lambda v: v >= 1, "an integer >= 1"),
     "BATCH_SIZE": (int, lambda v: v >= 2, "an integer >= 2 (BatchNorm cannot train on one image)"),
@@ -60,12 +65,12 @@ SETTINGS = {
     "WEIGHT_DECAY": (float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "WARMUP": (float, lambda v: 0 < v < 1, "a number in (0, 1)"),
     "DROPOUT": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "FC_WIDTH": (int, lambda v: v >= 1, "an integer >= 1"),
+    "FC_WIDTH": (int, lambda v: 1 <= v <= 65536, "an integer in [1, 65536]"),
     "LABEL_SMOOTHING": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "EMA_DECAY": (float, lambda v: 0 <= v < 1, "a number in [0, 1) (0 turns EMA off)"),
     "MAX_SHIFT": (int, lambda v: 0 <= v <= 8, "an integer in [0, 8] (pixels)"),
-    "FLIP": (bool, lambda v: True, "on or off"),
-    "TTA_FLIP": (bool, lambda v: True, "on or off"),
+    "FLIP": (bool, anything, "on or off"),
+    "TTA_FLIP": (bool, anything, "on or off"),
     "TTA_SHIFT": (int, lambda v: 0 <= v <= 4, "an integer in [0, 4]"),
     "VAL_SIZE": (int, lambda v: 0 <= v < N_TRAIN, f"an integer in [0, {N_TRAIN})"),
     "SUBSET": (int, lambda v: 0 <= v <= N_TRAIN, f"an integer in [0, {N_TRAIN}] (0 = all)"),
@@ -76,10 +81,10 @@ SETTINGS = {
         "auto, cpu, cuda, cuda:N or mps",
     ),
     "PRECISION": (str, lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
-    "DATA_DIR": (expand_path, lambda v: True, "a folder"),
-    "OUT_DIR": (expand_path, lambda v: True, "a folder"),
-    "CACHE_DIR": (expand_path, lambda v: True, "a folder"),
-    "SHOW": (bool, lambda v: True, "on or off"),
+    "DATA_DIR": (expand_path, anything, "a folder"),
+    "OUT_DIR": (expand_path, anything, "a folder"),
+    "CACHE_DIR": (expand_path, anything, "a folder"),
+    "SHOW": (bool, anything, "on or off"),
     "BACKBONE": (str, lambda v: v in ("resnet18", "resnet34", "resnet50"), "resnet18, resnet34 or resnet50"),
     "WEIGHTS": (
         expand_path,
@@ -87,18 +92,8 @@ SETTINGS = {
         "DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2, none, or the path of an existing state-dict file",
     ),
     "IMAGE_SIZE": (int, lambda v: 32 <= v <= 512, "an integer in [32, 512]: ResNets downsample 32x"),
-    "FINETUNE": (bool, lambda v: True, "on or off"),
+    "FINETUNE": (bool, anything, "on or off"),
     "EXTRACT_BATCH": (int, lambda v: v >= 1, "an integer >= 1"),
-    "SCRIPT": (str, lambda v: v in ("", "ann", "cnn", "resnet_transfer"), "ann, cnn, resnet_transfer or empty"),
-    "LAST": (int, lambda v: v >= 0, "an integer >= 0 (0 = all)"),
-    "OUT": (
-        expand_path,
-        lambda v: v == "" or Path(v).suffix.lower() in (".png", ".pdf", ".svg"),
-        "a .png, .pdf or .svg file",
-    ),
-    "RAW": (bool, lambda v: True, "on or off"),
-    "FIGURE_IMAGES": (int, lambda v: v >= 1, "an integer >= 1"),
-    "TEST": (bool, lambda v: True, "on or off"),
 }
 
 
@@ -123,13 +118,13 @@ def _has_type(value, kind):
     return isinstance(value, expected) and (type(value) is not bool or kind is bool)
 
 
-def _constants(namespace, script):
+def _constants(namespace, script, checks):
     """{NAME: (type, default)} of the script's settings; a constant of the wrong type is refused."""
     constants = {}
     for name, value in namespace.items():
         if not name.isupper() or type(value) not in (int, float, str, bool):
             continue
-        kind = SETTINGS.get(name, (type(value),))[0]
+        kind = checks.get(name, (type(value),))[0]
         if not _has_type(value, kind):
             wanted = {int: "an integer", float: "a number", bool: "True or False"}.get(kind, "a string")
             raise UserError(f"{name} = {value!r} in {script} is not allowed: make it {wanted}")
@@ -137,20 +132,21 @@ def _constants(namespace, script):
     return constants
 
 
-def parse_hparams(namespace, argv=None, positionals=(), intermixed=False):
+def parse_hparams(namespace, argv=None, positionals=(), intermixed=False, checks=None):
     """The script's UPPER_CASE constants as flags (EPOCHS -> --epochs); returns the values by name (hp.epochs).
 
     `namespace` is the script's globals(): the constants are the defaults and their trailing comments the
-    help. `positionals` are (name, argparse keywords) of arguments that come before the flags, or anywhere
-    among them with `intermixed` (argparse otherwise stops filling a nargs="*" positional at the first flag).
-    Every value is checked against SETTINGS before any work starts.
+    help. `checks` adds {NAME: (type, check, allowed)} to SETTINGS for a tool's own settings. `positionals` are
+    (name, argparse keywords) of arguments that come before the flags, or anywhere among them with `intermixed`.
+    Every value is checked before any work starts.
     """
+    checks = {**SETTINGS, **(checks or {})}
     script = Path(namespace.get("__file__", "script")).name
     helps = _comments(Path(namespace["__file__"]).read_text()) if "__file__" in namespace else {}
     parser = _OneLineParser(prog=script, description=(namespace.get("__doc__") or "").strip().split("\n")[0])
     for name, keywords in positionals:
         parser.add_argument(name, **keywords)
-    for name, (kind, default) in _constants(namespace, script).items():
+    for name, (kind, default) in _constants(namespace, script, checks).items():
         help_text = helps.get(name, "").replace("%", "%%") + " (default: %(default)s)"
         if kind is bool:
             parser.add_argument(_flag(name), default=default, action=argparse.BooleanOptionalAction, help=help_text)
@@ -158,7 +154,7 @@ def parse_hparams(namespace, argv=None, positionals=(), intermixed=False):
             parser.add_argument(_flag(name), default=default, type=kind, metavar=name, help=help_text)
     hp = parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv)
     for name, value in vars(hp).items():
-        _, ok, allowed = SETTINGS.get(name.upper(), (None, lambda v: True, ""))
+        _, ok, allowed = checks.get(name.upper(), (None, anything, ""))
         if not ok(value):
             raise UserError(f"{_flag(name)} ({name.upper()}) = {value!r} is not allowed: use {allowed}")
     _check_split(hp)
@@ -199,101 +195,6 @@ def _check_split(hp):
         raise UserError(
             f"--batch-size {hp.batch_size} is larger than the {n_train} training images: use at most {n_train}"
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# Device and precision
-
-
-def resolve_device(name):
-    """'auto' picks CUDA, then MPS, then the CPU; an explicit device must exist."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0 or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
-    return torch.device(name)
-
-
-def has_fast(dtype, device):
-    """Whether the device has units that compute in this 16-bit type at full speed (elsewhere it is emulated).
-
-    CUDA: bf16 from compute capability 8.0 (Ampere) on, fp16 tensor cores from 7.0 (Volta, Turing: the T4).
-    torch.cuda.is_bf16_supported() is no guide: it also answers True where bf16 is only emulated.
-    CPU: bf16 with AVX-512-BF16 or AMX, fp16 with AMX-FP16. MPS: not verified here, so neither."""
-    if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return major >= (8 if dtype == "bf16" else 7)
-    if device.type == "cpu":
-        probes = (
-            ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == "bf16" else ("_is_amx_fp16_supported",)
-        )
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return False
-
-
-def fast_precision(device):
-    """What PRECISION = "auto" picks: bf16 where the device has bf16 units, else fp16 on CUDA tensor cores
-    (with loss scaling), else fp32."""
-    if has_fast("bf16", device):
-        return "bf16"
-    return "fp16" if device.type == "cuda" and has_fast("fp16", device) else "fp32"
-
-
-def resolve_precision(name, device):
-    """The precision a run computes in: `auto` as fast_precision; an explicit one is refused where it cannot
-    work and warned about where it is emulated."""
-    if name == "auto":
-        return fast_precision(device)
-    if name == "bf16" and device.type == "mps":
-        raise UserError("--precision bf16 is not supported on MPS here; use fp16, fp32 or auto")
-    if name != "fp32" and not torch.amp.is_autocast_available(device.type):
-        raise UserError(f"--precision {name}: PyTorch has no autocast for {device.type} here; use fp32 or auto")
-    if name != "fp32" and device.type != "mps" and not has_fast(name, device):
-        print(
-            f"warning: --precision {name} on a {device.type.upper()} without {name} units is emulated and runs "
-            f"several times slower than fp32; --precision auto picks {fast_precision(device)} here",
-            file=sys.stderr,
-        )
-    return name
-
-
-def use_tf32(device, precision):
-    """fp32 on an Ampere or newer GPU: matrix products run on the tensor cores in TF32 (fp32's range, a 10-bit
-    mantissa), several times faster, as cuDNN's convolutions already do by default. Returns whether it applies."""
-    if device.type != "cuda" or precision != "fp32" or torch.cuda.get_device_capability(device)[0] < 8:
-        return False
-    torch.set_float32_matmul_precision("high")
-    return True
-
-
-def deterministic_cudnn(device):
-    """On CUDA, cuDNN picks only deterministic convolution kernels, so that the same seed on the same GPU gives
-    the same numbers. (The CPU's kernels are deterministic already.)"""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-def device_name(device):
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
-        return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}, {memory:.0f} GiB"
-    if device.type == "cpu":
-        return f"{cpu_model()}, {torch.get_num_threads()} threads"
-    return device.type
-
-
-def cpu_model():
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +321,23 @@ def read_idx(path, name):
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: written atomically, loaded without unpickling code.
+# Files a user hands us are read within bounds; files we write are written atomically.
+
+
+def read_file(path, what, limit):
+    """The bytes of a file a user handed us (a record, weights, a cache), refused in one line naming `what`
+    unless it is a regular file of at most `limit` bytes: a FIFO would hang, /dev/zero never end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not wait for a writer
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UserError(f"{what} {path}: not a regular file (a folder, pipe or device), so not read")
+            data = f.read(limit + 1)
+    except OSError as error:
+        raise UserError(f"{what} {path}: cannot read it ({error.strerror})") from None
+    if len(data) > limit:
+        raise UserError(f"{what} {path}: larger than the {limit:,} bytes such a file can be, so not read")
+    return data
 
 
 def _umask():
@@ -433,7 +350,8 @@ def _umask():
 def atomic_write(path, data):
     """Write-then-rename, so a reader never sees a half-written file; a full disk is a user error.
 
-    Each writer has its own temporary file, so two runs writing the same file at once never mix their bytes."""
+    The rename replaces whatever is at path, a symlink included, instead of writing through it. Each writer has
+    its own temporary file, so two runs writing the same file at once never mix their bytes."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -449,7 +367,12 @@ def atomic_write(path, data):
             tmp.unlink(missing_ok=True)
         if not isinstance(error, OSError):
             raise
-        raise UserError(f"cannot write {path}: {error.strerror}; free some space or choose another folder") from None
+        advice = (
+            "free some space or choose another folder"
+            if error.errno in (errno.ENOSPC, errno.EDQUOT)
+            else ("choose another folder or file")
+        )
+        raise UserError(f"cannot write {path}: {error.strerror}; {advice}") from None
 
 
 def save_tensors(path, tensors):
@@ -459,23 +382,65 @@ def save_tensors(path, tensors):
     atomic_write(path, buffer.getvalue())
 
 
-def load_cached_tensors(path, key, shapes):
-    """The dict save_tensors wrote to path if its "key" entry equals key and its tensors have the expected
-    {name: shape}; None (after a notice) otherwise, so that the cache is rebuilt."""
-    if not path.exists():
-        return None
+def load_tensors(path, what, limit):
+    """The dict of tensors torch.save wrote to path, loaded without running any code in it and refused in one line
+    naming `what` unless its tensors take at most `limit` bytes: the size is read from the file's table of
+    contents before anything is inflated. `{"state_dict": ...}`, as training frameworks save weights, is
+    unwrapped."""
+    data = read_file(path, what, limit + 2**20)  # the tensors, and a little room for their names
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(saved, dict) or saved.get("key") != key:
-            reason = "stale (made with other settings)"
-        elif all(torch.is_tensor(saved.get(k)) and tuple(saved[k].shape) == s for k, s in shapes.items()):
-            return saved
-        else:
-            reason = "damaged (its tensors have the wrong shape)"
-    except Exception as error:  # any unreadable file is treated the same way: rebuilt
-        reason = f"corrupt ({type(error).__name__})"
-    print(f"cache {path} is {reason}; rebuilding it", flush=True)
-    return None
+        inflated = 0  # torch's older format (not a zip) stores its tensors as they are: nothing to inflate
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                inflated = sum(entry.file_size for entry in archive.infolist())
+        if inflated > limit + 2**20:
+            raise UserError(f"{what} {path}: its tensors would take {inflated:,} bytes, more than expected ({limit:,})")
+        with warnings.catch_warnings():  # torch warns about unusual pickles: the one line below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception as error:  # pickle, zip and format errors all mean the same thing to the user
+        if "Weights only load failed" in str(error):
+            raise UserError(
+                f"{what} {path}: holds pickled Python objects (a whole model, or code), which are never loaded "
+                "here because loading them can run code; save and pass model.state_dict() instead"
+            ) from None
+        raise UserError(f"{what} {path}: not a file written by torch.save (empty, corrupt or another format)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise UserError(f"{what} {path}: holds no state dict (a dict of parameter names to tensors)")
+    return tensors
+
+
+def state_bytes(model):
+    """The bytes a state dict of the model takes: what a weights file for it may hold."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def check_state_dict(state, model, what, name):
+    """Refuse, in words, a state dict whose names, shapes or values do not fit the model (called `name`)."""
+    expected = model.state_dict()
+    missing, foreign = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or foreign:
+        example = f"it lacks {missing[0]}" if missing else f"it has {foreign[0]}"
+        raise UserError(
+            f"{what}: not a {name} state dict ({len(missing)} of its {len(expected)} tensors missing, "
+            f"{len(foreign)} foreign: {example}); was it saved from another architecture?"
+        )
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise UserError(
+                f"{what}: not a {name} state dict ({key} has shape {tuple(state[key].shape)} where {name} has "
+                f"{tuple(tensor.shape)}: the weights come from a model of other sizes)"
+            )
+        value = state[key]
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserError(f"{what}: {key} holds NaN or infinite values: the weights are damaged")
+        if key.endswith("running_var") and (value < 0).any():
+            raise UserError(f"{what}: {key} holds negative variances: the weights are damaged")
 
 
 def writable_folder(path, flag):
@@ -492,57 +457,8 @@ def writable_folder(path, flag):
     return path
 
 
-def load_weights_file(path, what):
-    """The state dict (name -> tensor) in a file torch.save wrote, loaded without running any code in it.
-
-    `{"state_dict": ...}`, as training frameworks save it, is unwrapped. Every bad file is a UserError
-    naming `what` and the file: empty, not torch's format, pickled objects or code, or no state dict."""
-    try:
-        if path.stat().st_size == 0:
-            raise UserError(f"{what} {path}: the file is empty")
-        with warnings.catch_warnings():  # torch warns about unusual pickles: the one line below says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as error:
-        raise UserError(f"{what} {path}: cannot read it ({error.strerror})") from None
-    except UserError:
-        raise
-    except Exception as error:  # pickle, zip and format errors all mean the same thing to the user
-        if "Weights only load failed" in str(error):
-            raise UserError(
-                f"{what} {path}: holds pickled Python objects (a whole model, or code), which are never loaded "
-                "here because loading them can run code; save and pass model.state_dict() instead"
-            ) from None
-        raise UserError(
-            f"{what} {path}: not a file written by torch.save (corrupt, truncated or another format)"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"{what} {path}: holds no state dict (a dict of parameter names to tensors)")
-    return state
-
-
-def check_state_dict(state, model, what, name):
-    """Refuse, in words, a state dict whose names or shapes are not those of the model (called `name`)."""
-    expected = model.state_dict()
-    missing, foreign = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or foreign:
-        example = f"it lacks {missing[0]}" if missing else f"it has {foreign[0]}"
-        raise UserError(
-            f"{what}: not a {name} state dict ({len(missing)} of its {len(expected)} tensors missing, "
-            f"{len(foreign)} foreign: {example}); was it saved from another architecture?"
-        )
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise UserError(
-                f"{what}: not a {name} state dict ({key} has shape {tuple(state[key].shape)} where {name} has "
-                f"{tuple(tensor.shape)}: the weights come from a model of other sizes)"
-            )
-
-
 # ----------------------------------------------------------------------------------------------
-# Entry point: settings and data problems end in one line and exit code 2, never a traceback.
+# Entry point: what a user can cause ends in one line and an exit code, never a traceback.
 
 
 STOP_SIGNALS = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # no SIGHUP on Windows
@@ -558,39 +474,6 @@ class Stopped(KeyboardInterrupt):
 
 def _stop(signum, frame):
     raise Stopped(signum)
-
-
-class _StopAgain:
-    """sys.unraisablehook while main runs. Python runs a signal handler wherever the program is; inside a
-    finalizer (a __del__) the Ctrl-C or stop it raises can only be printed ("Exception ignored") and dropped.
-    This sends the signal again a moment later, to land where it stops the program, and remembers it."""
-
-    def __init__(self):
-        self.previous, self.signum, self.timer = sys.unraisablehook, None, None
-
-    def __call__(self, unraisable):
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-            return self.previous(unraisable)
-        self.signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
-        self.timer = threading.Timer(0.01, _send_to_main_thread, (self.signum,))  # once this hook has returned
-        self.timer.daemon = True
-        self.timer.start()
-
-    def finish(self):
-        """Nothing is sent after this; a stop still owed is raised here, where run_main handles it."""
-        sys.unraisablehook = self.previous
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer.join()
-        if self.signum is not None:
-            raise KeyboardInterrupt if self.signum == signal.SIGINT else Stopped(self.signum)
-
-
-def _send_to_main_thread(signum):
-    if hasattr(signal, "pthread_kill"):
-        signal.pthread_kill(threading.main_thread().ident, signum)  # wakes it even from a sleep
-    else:  # Windows, where os.kill would end the process at once
-        signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
@@ -640,13 +523,9 @@ def run_main(main, argv=None):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     handlers = {signal.SIGINT: signal.default_int_handler, **{s: _stop for s in STOP_SIGNALS}}
-    previous = {s: signal.signal(s, handler) for s, handler in handlers.items()}  # quiet_ctrl_c.py set SIGINT's
-    sys.unraisablehook = stop_again = _StopAgain()
+    previous = {s: signal.signal(s, handler) for s, handler in handlers.items()}
     try:
-        try:
-            main(argv)
-        finally:
-            stop_again.finish()
+        main(argv)
         sys.stdout.flush()  # lines still buffered meet a closed pipe or a full disk here, not at exit
     except UserError as error:
         print(f"{script}: error: {error}", file=sys.stderr)
@@ -672,7 +551,7 @@ def run_main(main, argv=None):
     except Exception as error:
         if not _out_of_memory(error):
             raise
-        reason = str(error).splitlines()[0][:160]
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]  # a MemoryError may have no message
         print(f"{script}: error: out of memory ({reason}); {_memory_advice(main)}", file=sys.stderr)
         return 2
     finally:

