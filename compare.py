@@ -2,18 +2,28 @@
 
 Run `python compare.py` after a few runs of ann.py, cnn.py or resnet_transfer.py (several seeds of each
 setting: see the README); `--script cnn --last 6` narrows the list and `--reference B` picks the group the
-others are compared against (default: the first, A). The table gives each group's final validation and test
-accuracy over its seeds (mean ± sd, in %); the settings that differ between groups are listed below it, and
-`compare.png` shows each group's per-epoch validation accuracy (mean line, min-max band over seeds).
+others are compared against. The table gives each group's final validation and test accuracy over its seeds
+(mean ± sd, in %); the settings that differ between groups are listed below it, and `compare.png` shows each
+group's per-epoch validation accuracy (mean line, min-max band over seeds).
+
+Groups are judged only against a reference trained alike: the same script, SUBSET, VAL_SIZE and EPOCHS (other
+data or another schedule moves accuracy by more than any setting, so such a group's cell says "not comparable"
+and which of these differ, instead of a verdict). Unless --reference names one, the reference is the first group
+with two or more seeds among those trained alike with the most such groups (else the first group), and a line
+below the table says why it was chosen: a one-seed dry run is never the reference, and a folder of old runs on
+another schedule does not leave the new ones unjudged.
 
 The verdict is on validation accuracy, the split settings are chosen on; test accuracy is shown beside it for
 reporting only. Runs with the same settings and the same seed are repeats, not seed spread: they are averaged to
 one value per seed first, so a copied run folder changes nothing. Groups that share two or more seeds are
 compared seed by seed (the same seed gives the same split and initialisation, so much of the seed noise cancels):
-a paired t-test on the per-seed differences. Other groups are compared unpaired, with Welch's t-test. Either way
-the difference, in percentage points, comes with the half-width of its two-sided 95% interval from Student's t
-with the right degrees of freedom, and is called beyond the seed noise when the interval excludes zero. A group
-with a single seed has no measured spread, so no verdict is given for it.
+a paired t-test on the per-seed differences; seeds only one of the two has are left out of that verdict (not of
+the table's means), marked with "*" and named in a note below the table. Other groups are compared unpaired, with
+Welch's t-test. Either way the difference, in percentage points, comes with the half-width of its two-sided 95%
+interval from Student's t with the right degrees of freedom, and is called beyond the seed noise when the interval
+excludes zero. No verdict is given without a measured spread: for a group with a single seed, nor when the
+standard error is zero (paired differences all equal, or no seed moved either group), which says only that too
+few seeds were run, not that the difference is certain.
 """
 
 import json
@@ -24,18 +34,21 @@ import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
-import quiet_ctrl_c  # noqa: F401  (before torch: a Ctrl-C while it loads ends without a traceback)
-
 import common
 
 # --- Settings: each one is also a flag (LAST -> --last).
 OUT_DIR = ""  # folder holding the run folders ("" = runs/ beside this script)
 SCRIPT = ""  # only runs of this script: ann, cnn or resnet_transfer ("" = all)
 LAST = 0  # only the N most recent runs (0 = all)
-REFERENCE = ""  # the group the others are compared against, by its letter in the table ("" = the first, A)
+REFERENCE = ""  # the group the others are compared against, by its letter ("" = chosen as the table says)
 
 # Not how the model was trained, or the seed; DEVICE and PRECISION as asked for ("auto") give way to what ran.
 NOT_COMPARED = {"OUT_DIR", "DATA_DIR", "CACHE_DIR", "SHOW", "SEED", "DEVICE", "PRECISION"}
+# What each setting above allows, checked as the flags are.
+CHECKS = {
+    "SCRIPT": (str, lambda v: v in ("", "ann", "cnn", "resnet_transfer"), "ann, cnn, resnet_transfer or empty"),
+    "LAST": (int, lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,21 +64,20 @@ def load_runs(out_dir):
         raise common.UserError(f"--out-dir {out_dir}: cannot list it ({error.strerror})") from None
     for folder in folders:
         path = folder / "metrics.json"
+        if not path.is_file():  # a folder without a record, or with a pipe or a device in its place
+            print(f"warning: skipping {folder.name}: no metrics.json file", file=sys.stderr)
+            continue
         try:
-            record = json.loads(path.read_text())
-            if isinstance(record, dict):
-                record.setdefault("history", [])
-            reason = problem(record)
-            if reason:
-                print(f"warning: skipping {folder.name}: {reason}", file=sys.stderr)
-                continue
-            runs.append((folder, record))
-        except FileNotFoundError:
-            print(f"warning: skipping {folder.name}: no metrics.json", file=sys.stderr)
-        except RecursionError:  # json.loads gives up on absurdly nested arrays or objects
-            print(f"warning: skipping {folder.name}: metrics.json is nested too deeply to be a run", file=sys.stderr)
-        except (OSError, ValueError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-            print(f"warning: skipping {folder.name}: unreadable metrics.json ({error})", file=sys.stderr)
+            record = common.read_record(path)
+        except common.UserError as error:
+            print(f"warning: skipping {folder.name}: {error}", file=sys.stderr)
+            continue
+        record.setdefault("history", [])
+        reason = problem(record)
+        if reason:
+            print(f"warning: skipping {folder.name}: {reason}", file=sys.stderr)
+            continue
+        runs.append((folder, record))
     return sorted(runs, key=lambda run: run[1].get("started", ""))
 
 
@@ -95,8 +107,10 @@ def problem(record):
             return "an epoch without a number for epoch or val_acc"
     final = record.get("final")
     if final is not None:
-        if not isinstance(final, dict) or not all(v is None or is_number(v) for v in final.values()):
-            return "its final results are not numbers"
+        if not isinstance(final, dict):
+            return "its final results are not a table of numbers"
+        if not (final.get("seconds") is None or is_finite(final["seconds"])):  # only the fields read are checked
+            return f"final seconds is {final['seconds']!r}, not a number"
         if final.get("val_acc") is None and is_accuracy(final.get("test_acc")):
             return "trained without a validation split (--val-size 0), so there is nothing to judge it on"
         for name in ("val_acc", "test_acc"):
@@ -133,6 +147,21 @@ def group_runs(runs):
     return list(groups.values())
 
 
+# The data and schedule a group was trained on: groups that differ in these are not judged against each other.
+TRAINED_ON = ("SUBSET", "VAL_SIZE", "EPOCHS")
+
+
+def trained_alike(group):
+    """What two groups must share to be compared: the script, and the data and schedule (TRAINED_ON)."""
+    return (group.script, *(repr(group.settings.get(name)) for name in TRAINED_ON))
+
+
+def not_comparable(group, reference):
+    """Why `group` cannot be judged against `reference` ("script", "subset, epochs", ...), or "" when it can."""
+    names = ["script", *(name.lower() for name in TRAINED_ON)]
+    return ", ".join(n for n, a, b in zip(names, trained_alike(group), trained_alike(reference), strict=True) if a != b)
+
+
 def per_seed(group, name):
     """{seed: final[name] averaged over that seed's repeats}: one value per seed, the unit of the statistics."""
     return {seed: statistics.mean(r["final"][name] for r in records) for seed, records in group.seeds.items()}
@@ -153,9 +182,14 @@ def describe(group, names):
     return f"{group.script}, {settings}" if settings else group.script
 
 
+def in_order(seeds):
+    """Seeds (as JSON text) in numeric order, any that are not whole numbers after them."""
+    return sorted(seeds, key=lambda seed: (not seed.isdigit(), int(seed) if seed.isdigit() else 0, seed))
+
+
 def seed_list(group):
     """The group's seeds in order, with the number of runs where a seed was repeated: 1(×2),2,3."""
-    seeds = sorted(group.seeds, key=lambda seed: (not seed.isdigit(), int(seed) if seed.isdigit() else 0, seed))
+    seeds = in_order(group.seeds)
     return ",".join(seed + (f"(×{len(group.seeds[seed])})" if len(group.seeds[seed]) > 1 else "") for seed in seeds)
 
 
@@ -212,29 +246,38 @@ def t_critical(df, level=0.95):
 class Comparison(NamedTuple):
     difference: float  # in points of validation accuracy, group minus reference
     half_width: float | None  # of the 95% interval, in points; None when there is no spread to judge by
-    how: str  # the test and its n, or why there is no verdict
+    how: str  # the test and its n ("*" when seeds were left out of a paired test), or why there is no verdict
+    paired: tuple = ()  # the seeds a paired test used
+    left_out: tuple = ((), ())  # the seeds of `group`, and of the reference, that a paired test left out
 
 
 def compare(group, reference):
     """The validation-accuracy difference of `group` to `reference`: paired on 2+ shared seeds, else Welch."""
     a, b = per_seed(group, "val_acc"), per_seed(reference, "val_acc")
-    shared = [seed for seed in a if seed in b]
+    shared = in_order(seed for seed in a if seed in b)
     if len(shared) >= 2:
         differences = [100 * (a[s] - b[s]) for s in shared]
         n = len(differences)
         error = statistics.stdev(differences) / math.sqrt(n)
-        return interval(statistics.mean(differences), error, n - 1, f"paired t, n={n}")
+        left_out = (in_order(set(a) - set(b)), in_order(set(b) - set(a)))
+        how = f"paired t, n={n}" + ("*" if any(left_out) else "")
+        return interval(statistics.mean(differences), error, n - 1, how)._replace(paired=shared, left_out=left_out)
     difference = 100 * (statistics.mean(a.values()) - statistics.mean(b.values()))
     if len(a) < 2 or len(b) < 2:
         return Comparison(difference, None, "no verdict (n=1: one seed has no spread)")
     va, vb = (statistics.variance([100 * v for v in x.values()]) / len(x) for x in (a, b))
     error = math.sqrt(va + vb)
-    # Welch–Satterthwaite degrees of freedom; with no spread at all, the pooled ones (the value does not matter)
+    # Welch–Satterthwaite degrees of freedom; with no spread, the pooled ones (unused: interval() gives no verdict)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if error > 0 else len(a) + len(b) - 2
     return interval(difference, error, df, f"Welch t, n={len(a)}+{len(b)}")
 
 
-def interval(difference, error, df, how):
+def interval(difference, error, df, how, no_spread=1e-6):
+    """The comparison with its 95% interval; with no spread measured, none (an interval of zero width would
+    call any difference beyond the seed noise). A standard error below `no_spread` points is float rounding:
+    accuracies are fractions of images."""
+    if error < no_spread:
+        return Comparison(difference, None, f"no spread measured ({how}); add seeds")
     return Comparison(difference, t_critical(df) * error, how)
 
 
@@ -258,8 +301,40 @@ def spread(values):
 # Output: the table, its legend and notes, and the figure.
 
 
-def table(groups, reference):
-    """One row per group: n (seeds), validation and test accuracy, seconds per run, and the verdict against
+def judge(groups, reference):
+    """The verdict cell of each group against the group numbered `reference`, and a note for each paired
+    verdict that left seeds out."""
+    cells, left_out = [], []
+    for index, group in enumerate(groups):
+        if index == reference:
+            cells.append("reference")
+        elif other := not_comparable(group, groups[reference]):
+            cells.append(f"not comparable: other {other}")
+        else:
+            comparison = compare(group, groups[reference])
+            cells.append(verdict(comparison))
+            if any(comparison.left_out):
+                left_out.append(left_out_note(label(index), label(reference), comparison))
+    return cells, left_out
+
+
+def left_out_note(name, reference_name, comparison):
+    """The note below the table for a paired verdict that left seeds out: * B: paired t on seeds 1,2,3, those it
+    shares with A; left out of the verdict, not of the table: B's seeds 4,5."""
+    seeds = [
+        f"{who}'s seed{'s' if len(unpaired) > 1 else ''} {','.join(unpaired)}"
+        for who, unpaired in zip((name, reference_name), comparison.left_out, strict=True)
+        if unpaired
+    ]
+    text = (
+        f"* {name}: paired t on seeds {','.join(comparison.paired)}, those it shares with {reference_name}; "
+        f"left out of the verdict, not of the table: {' and '.join(seeds)}"
+    )
+    return wrap(text, indent=2)
+
+
+def table(groups, reference, cells):
+    """One row per group: n (seeds), validation and test accuracy, seconds per run, and its verdict cell against
     the group numbered `reference`."""
     header = f"val acc vs {label(reference)} (95% interval)"
     rows = [("group", "script", "n", "val acc %", "test acc %", "seconds", header)]
@@ -273,7 +348,7 @@ def table(groups, reference):
                 spread(per_seed(group, "val_acc").values()),
                 spread(per_seed(group, "test_acc").values()),
                 f"{statistics.mean(seconds):.0f}" if seconds else "-",
-                "reference" if index == reference else verdict(compare(group, groups[reference])),
+                cells[index],
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -296,7 +371,8 @@ def notes(reference_label):
         "n: seeds (repeats of a seed are averaged first); accuracy: mean ± sd over seeds, in %. "
         f"vs {reference_label}: the difference in mean validation accuracy in percentage points (pt), ± the "
         "half-width of its two-sided 95% interval (Student's t: paired on shared seeds, else Welch); beyond seed "
-        "noise when the interval excludes 0. Test accuracy is for reporting only."
+        "noise when the interval excludes 0; no verdict without a measured spread. Only groups trained alike (script, "
+        "subset, val_size, epochs) are compared. Test accuracy is for reporting only."
     )
     return wrap(text)
 
@@ -313,8 +389,12 @@ def curve(records):
     return {e: statistics.mean(c[e] for c in curves) for e in epochs}
 
 
-def plot(groups, names, path):
-    """Per-epoch validation accuracy of each group: the mean over its seeds, and a band from min to max."""
+def plot(groups, names, path, reference=0, legend_entries=10):
+    """Per-epoch validation accuracy of each group: the mean over its seeds, and a band from min to max; the
+    legend names the first `legend_entries` groups, the reference among them (more do not fit beside the
+    plot; the table lists them all)."""
+    import warnings
+
     from matplotlib import rc_context
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -322,6 +402,9 @@ def plot(groups, names, path):
     with rc_context({"text.usetex": False}):  # a "$" or "_" in a name is text, not TeX
         fig = Figure(figsize=(11, 5), dpi=100)
         ax = fig.add_subplot()
+        named = set(range(legend_entries))
+        if reference not in named:
+            named = set(range(legend_entries - 1)) | {reference}
         for index, group in enumerate(groups):
             curves = [curve(records) for records in group.seeds.values()]
             epochs = sorted(set.intersection(*(set(c) for c in curves)))
@@ -329,8 +412,9 @@ def plot(groups, names, path):
                 continue
             values = [[c[e] for c in curves] for e in epochs]
             line = ax.plot(epochs, [statistics.mean(v) for v in values], "o-", markersize=3)[0]
-            text = f"{label(index)}: {describe(group, names)}, n={len(group.seeds)}"
-            line.set_label(textwrap.fill(text, 40, subsequent_indent="    "))
+            if index in named:
+                text = f"{label(index)}: {describe(group, names)}, n={len(group.seeds)}"
+                line.set_label(textwrap.fill(text, 40, subsequent_indent="    "))
             if len(curves) > 1:
                 ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
@@ -342,23 +426,33 @@ def plot(groups, names, path):
             box = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
             for text in box.get_texts():
                 text.set_parse_math(False)  # a script name or setting from a record is never mathtext
-        fig.tight_layout()
-        fig.savefig(path)
+            if len(groups) > len(named):
+                box.set_title(f"{len(box.get_texts())} of {len(groups)} groups; all in the table", prop={"size": 8})
+        with warnings.catch_warnings():  # decorations too large to fit: tight_layout keeps the layout, and warns
+            warnings.simplefilter("ignore", UserWarning)
+            fig.tight_layout()
+        common.save_figure(fig, path)
     return fig
 
 
 def pick_reference(groups, letter):
-    """The number of the group named by --reference (A, B, ... as printed), or 0, the first one."""
+    """(number, why) of the reference: the group --reference names (A, B, ... as printed), else the first group
+    with 2+ seeds among those trained alike with the most such groups, else the first."""
     letters = [label(i) for i in range(len(groups))]
-    if not letter:
-        return 0
-    if letter.upper() not in letters:
-        raise common.UserError(f"--reference {letter} is not a group here: use one of {', '.join(letters)}")
-    return letters.index(letter.upper())
+    if letter:
+        if letter.upper() not in letters:
+            raise common.UserError(f"--reference {letter} is not a group here: use one of {', '.join(letters)}")
+        return letters.index(letter.upper()), "as --reference asked"
+    seeded = [index for index, group in enumerate(groups) if len(group.seeds) >= 2]
+    if not seeded:
+        return 0, "the first group (none has 2+ seeds; --reference picks another)"
+    alike = {index: trained_alike(groups[index]) for index in seeded}
+    most = max(seeded, key=lambda index: list(alike.values()).count(alike[index]))  # max takes the first of ties
+    return most, "the first group with 2+ seeds, on the script, subset, val_size and epochs most such groups share"
 
 
 def main(argv=None):
-    hp = common.parse_hparams(globals(), argv)
+    hp = common.parse_hparams(globals(), argv, checks=CHECKS)
     out_dir = Path(hp.out_dir or common.HERE / "runs")
     if out_dir.exists() and not out_dir.is_dir():
         raise common.UserError(f"--out-dir {out_dir} is a file, not a folder; point it at the folder of run folders")
@@ -375,16 +469,20 @@ def main(argv=None):
     if not groups:
         print(f"no completed runs in {out_dir}" + (f"; not completed: {', '.join(unfinished)}" if unfinished else ""))
         return groups
-    reference = pick_reference(groups, hp.reference)
+    reference, why = pick_reference(groups, hp.reference)
     names = differing_hparams(groups)
-    print(table(groups, reference))
+    cells, left_out = judge(groups, reference)
+    print(table(groups, reference, cells))
     print()
     print(legend(groups, names))
+    print(wrap(f"reference {label(reference)}: {why}", indent=2))
+    for note in left_out:
+        print(note)
     print(notes(label(reference)))
     if unfinished:
         print(f"not completed, so not in the table: {', '.join(unfinished)}")
     try:
-        plot(groups, names, out_dir / "compare.png")
+        plot(groups, names, out_dir / "compare.png", reference)
     except OSError as error:
         print(f"compare.png not saved: cannot write in {out_dir} ({error.strerror})", file=sys.stderr)
     else:

@@ -6,6 +6,7 @@ table, which fits in 120 columns.
 
 import json
 import math
+import warnings
 
 import pytest
 
@@ -40,9 +41,22 @@ def compare_out(folder, capsys, *flags):
     return out.splitlines(), err.strip().splitlines()
 
 
+def header(lines):
+    """The table's header line, found by its first column."""
+    return next(line for line in lines if line.startswith("group "))
+
+
 def rows(lines):
-    """{group letter: table row} of compare.py's output (the table ends at the first empty line)."""
-    return {line.split()[0]: line for line in lines[1 : lines.index("")]}
+    """{group letter: table row} of compare.py's output (the rows follow the header up to the first empty line)."""
+    start = lines.index(header(lines)) + 1
+    return {line.split()[0]: line for line in lines[start : lines.index("", start)]}
+
+
+def legend(lines):
+    """{group letter: legend line}: the lines below the table that start with a group's letter, as rows do."""
+    start = lines.index("", lines.index(header(lines)))
+    table = rows(lines)
+    return {line.split()[0]: line for line in lines[start:] if line.split()[:1] and line.split()[0] in table}
 
 
 def test_compare_groups_seeds_and_survives_broken_folders(ann_run, tmp_path, capsys):
@@ -70,13 +84,12 @@ def test_compare_groups_seeds_and_survives_broken_folders(ann_run, tmp_path, cap
     (runs / "notes").mkdir()  # a foreign folder
 
     lines, err = compare_out(runs, capsys)
-    assert lines[0].split()[:3] == ["group", "script", "n"]
-    table = rows(lines)
+    assert header(lines).split()[:3] == ["group", "script", "n"]
+    table, described = rows(lines), legend(lines)
     assert table["A"].split()[:3] == ["A", "ann", "2"]  # two seeds, one group
     assert table["B"].split()[:3] == ["B", "ann", "1"] and "50.00" in table["B"] and "no verdict (n=1" in table["B"]
-    assert "seed" not in lines[0]
-    legend = {line.split()[0]: line for line in lines[len(table) + 2 : len(table) + 4]}
-    assert f"lr={ann.LR}" in legend["A"] and "seeds 0,7" in legend["A"] and "lr=0.01" in legend["B"]
+    assert "seed" not in header(lines)
+    assert f"lr={ann.LR}" in described["A"] and "seeds 0,7" in described["A"] and "lr=0.01" in described["B"]
     assert "batch_size" not in "\n".join(lines)  # equal in every run, so not shown
     assert any("cnn-20260101-000200 (interrupted)" in line for line in lines)
     assert any("ann-20260101-000300" in line for line in err) and any("notes" in line for line in err)
@@ -86,7 +99,7 @@ def test_compare_groups_seeds_and_survives_broken_folders(ann_run, tmp_path, cap
 @pytest.mark.parametrize(
     "b_accuracies, expected",
     [
-        ([0.925, 0.926, 0.924], "(paired t, n=3): beyond seed noise"),  # 2 points apart on each seed
+        ([0.925, 0.927, 0.924], "(paired t, n=3): beyond seed noise"),  # 2.0, 2.1 and 2.0 points apart
         ([0.905, 0.915, 0.897], "(paired t, n=3): within seed noise"),  # 0.1 apart, spread about 0.9
         ([0.93], "no verdict (n=1"),
     ],
@@ -98,9 +111,10 @@ def test_compare_says_whether_a_difference_is_beyond_the_seed_noise(b_accuracies
     records += [fake_record(seed, acc, lr=0.05) for seed, acc in enumerate(b_accuracies, 1)]
     write_runs(tmp_path / "runs", records)
     lines, _ = compare_out(tmp_path / "runs", capsys)
-    assert "91.00 ± 0.10  90.50 ± 0.10" in lines[1] and lines[1].rstrip().endswith("reference")  # val, then test
-    assert lines[2].split()[:3] == ["B", "cnn", str(len(b_accuracies))] and lines[2 + 3].startswith("B  cnn, lr=0.05")
-    assert "vs A" in lines[0] and expected in lines[2] and " pt" in lines[2] and "%" not in lines[2]
+    a, b = rows(lines)["A"], rows(lines)["B"]
+    assert "91.00 ± 0.10  90.50 ± 0.10" in a and a.endswith("reference")  # val, then test
+    assert b.split()[:3] == ["B", "cnn", str(len(b_accuracies))] and legend(lines)["B"].startswith("B  cnn, lr=0.05")
+    assert "vs A" in header(lines) and expected in b and " pt" in b and "%" not in b
 
 
 def val_gain_records(b_seeds):
@@ -162,7 +176,7 @@ def test_a_copied_run_folder_changes_nothing(tmp_path, capsys):
     write_runs(tmp_path / "single", [fake_record(1, 0.90)] * 2 + b)
     lines, _ = compare_out(tmp_path / "single", capsys)
     table = rows(lines)
-    assert "± 0.00" not in "\n".join(lines) and table["A"].split()[2] == "1" and "no verdict" in table["B"]
+    assert "± 0.00" not in "\n".join(lines) and table["A"].split()[2] == "1" and "no verdict" in table["A"]
     assert any(line.startswith("A  cnn, lr=0.1; seeds 1(×2)") for line in lines)
 
 
@@ -211,7 +225,7 @@ def test_compare_skips_malformed_records_and_still_prints_the_table(tmp_path, ca
     (tmp_path / "ann-deep").mkdir()  # json.loads raises RecursionError on this
     (tmp_path / "ann-deep" / "metrics.json").write_text("[" * 200_000 + "]" * 200_000)
     lines, err = compare_out(tmp_path, capsys)
-    assert lines[1].split()[:3] == ["A", "ann", "1"]  # the good run, alone in the table
+    assert list(rows(lines)) == ["A"] and rows(lines)["A"].split()[:3] == ["A", "ann", "1"]  # the good run alone
     assert len(err) == 8 and all(line.startswith("warning: skipping ann-") for line in err)
     assert {line.split()[2].rstrip(":") for line in err} == set(records) - {"ann-good"} | {"ann-deep"}  # each named
     assert png_size(tmp_path / "compare.png") == (1100, 500)
@@ -229,7 +243,7 @@ def test_compare_prints_the_table_when_the_figure_cannot_be_saved(tmp_path, caps
     monkeypatch.setattr(compare, "plot", read_only)
     code = common.run_main(compare.main, ["--out-dir", str(tmp_path)])
     out, err = capsys.readouterr()
-    assert code == 0 and out.splitlines()[1].split()[:3] == ["A", "ann", "1"]
+    assert code == 0 and rows(out.splitlines())["A"].split()[:3] == ["A", "ann", "1"]
     one_line(err.strip().splitlines(), "compare.png not saved", "Permission denied")
 
 
@@ -266,7 +280,7 @@ def test_reference_picks_the_group_the_others_are_compared_against(tmp_path, cap
     write_runs(tmp_path, val_gain_records((1, 2, 3)))
     lines, _ = compare_out(tmp_path, capsys, "--reference", "B")
     table = rows(lines)
-    assert "vs B" in lines[0] and table["B"].endswith("reference")
+    assert "vs B" in header(lines) and table["B"].endswith("reference")
     assert "-0.35 ± 0.12 pt (paired t, n=3): beyond seed noise" in table["A"]
     assert common.run_main(compare.main, ["--out-dir", str(tmp_path), "--reference", "C"]) == 2
     one_line(capsys.readouterr().err.strip().splitlines(), "--reference C", "A, B")
@@ -281,17 +295,17 @@ def test_four_groups_differing_in_four_settings_fit_in_120_columns(tmp_path, cap
     for g, variant in enumerate(variants):
         for seed in (1, 2, 3):
             hparams = {**other, **settings, **variant}
-            records.append(fake_record(seed, 0.9312 + g / 1000 + seed / 300, **hparams))
+            records.append(fake_record(seed, 0.9312 + g / 1000 + seed / 300 + (g * seed * seed) % 5 / 2000, **hparams))
     write_runs(tmp_path, records)
     lines, _ = compare_out(tmp_path, capsys)
     shown = lines[: next(i for i, line in enumerate(lines) if line.startswith("validation curves:"))]
     assert max(len(line) for line in shown) <= 120, "\n".join(shown)
     assert len(rows(lines)) == 4 and all("seed noise" in row for row in list(rows(lines).values())[1:])
-    legend = lines[6:10]
-    assert [line[:3] for line in legend] == ["A  ", "B  ", "C  ", "D  "]
+    described = legend(lines)
+    assert [line[:3] for line in described.values()] == ["A  ", "B  ", "C  ", "D  "]
     differing = ("dropout=", "label_smoothing=", "ema_decay=", "weight_decay=")
-    assert all(name in line for line in legend for name in differing)
-    assert "epochs=" not in "\n".join(legend) and "lr=" not in "\n".join(legend)  # the same in every group
+    assert all(name in line for line in described.values() for name in differing)
+    assert "epochs=" not in "\n".join(described.values()) and "lr=" not in "\n".join(described.values())  # all alike
 
 
 def test_help_describes_the_script_in_a_complete_sentence(capsys):
@@ -324,3 +338,141 @@ def test_runs_in_another_precision_or_on_other_hardware_form_their_own_group(tmp
     lines, _ = compare_out(tmp_path / "runs", capsys)
     assert list(rows(lines)) == ["A", "B", "C"]
     assert any("precision=fp32" in line for line in lines) and any("device=NVIDIA H200" in line for line in lines)
+
+
+def readme_loop_records():
+    """The README's quick start in a runs folder: its dry run, then the loop of three seeds of two settings."""
+    dry_run = fake_record(0, 0.80, SUBSET=2000, VAL_SIZE=500, EPOCHS=1, LABEL_SMOOTHING=0.1)
+    loop = {"SUBSET": 0, "VAL_SIZE": 5000, "EPOCHS": 8}
+    records = [dry_run]
+    for seed, (a, b) in zip((1, 2, 3), ((0.9290, 0.9310), (0.9360, 0.9362), (0.9330, 0.9370)), strict=True):
+        records.append(fake_record(seed, a - 0.005 + seed / 2000, val_acc=a, **loop, LABEL_SMOOTHING=0.1))
+        records.append(fake_record(seed, b - 0.006, val_acc=b, **loop, LABEL_SMOOTHING=0.0))
+    return records
+
+
+def test_the_readme_loop_after_its_dry_run_gets_a_paired_verdict(tmp_path, capsys):
+    """The dry run is the first group but not the reference: one seed, and trained on other data for one epoch, so
+    it is not judged against the loop's groups either; the two settings of the loop are paired on seeds 1-3."""
+    write_runs(tmp_path / "runs", readme_loop_records())
+    lines, err = compare_out(tmp_path / "runs", capsys, "--script", "cnn")
+    table = rows(lines)
+    assert list(table) == ["A", "B", "C"] and err == []
+    assert table["A"].split()[2] == "1" and "not comparable: other subset, val_size, epochs" in table["A"]
+    assert table["B"].endswith("reference") and "vs B" in header(lines)
+    assert "+0.21 ± 0.47 pt (paired t, n=3): within seed noise" in table["C"]
+    assert "label_smoothing=0.0" in legend(lines)["C"] and "epochs=8" in legend(lines)["C"]
+    one_line([line for line in lines if line.startswith("reference ")], "reference B:", "2+ seeds")
+    assert max(len(line) for line in lines) <= 120
+
+
+def test_reference_by_flag_is_said_so_and_may_be_a_group_of_one_seed(tmp_path, capsys):
+    write_runs(tmp_path / "runs", readme_loop_records())
+    lines, _ = compare_out(tmp_path / "runs", capsys, "--reference", "a")
+    table = rows(lines)
+    assert table["A"].endswith("reference") and all("not comparable" in table[g] for g in "BC")
+    one_line([line for line in lines if line.startswith("reference ")], "reference A:", "--reference")
+
+
+def test_without_groups_of_two_seeds_the_first_is_the_reference(tmp_path, capsys):
+    write_runs(tmp_path / "runs", [fake_record(1, 0.90), fake_record(1, 0.91, lr=0.05)])
+    lines, _ = compare_out(tmp_path / "runs", capsys)
+    assert rows(lines)["A"].endswith("reference") and "no verdict (n=1" in rows(lines)["B"]
+    one_line([line for line in lines if line.startswith("reference ")], "reference A:", "first")
+
+
+def test_groups_of_another_script_are_not_comparable(tmp_path, capsys):
+    records = [fake_record(s, 0.90 + s / 100, script=script) for script in ("cnn", "ann") for s in (1, 2, 3)]
+    write_runs(tmp_path / "runs", records)
+    table = rows(compare_out(tmp_path / "runs", capsys)[0])
+    assert table["A"].endswith("reference") and table["B"].endswith("not comparable: other script")
+
+
+@pytest.mark.parametrize(
+    "a_val, b_val, b_seeds, how",
+    [
+        ((0.900, 0.910), (0.902, 0.912), (1, 2), "paired t, n=2"),  # one image in 500 better on each seed
+        ((0.900, 0.900), (0.902, 0.902), (3, 4), "Welch t, n=2+2"),  # no seed moved either group
+    ],
+)
+def test_no_spread_measured_gives_no_verdict(a_val, b_val, b_seeds, how, tmp_path, capsys):
+    records = [fake_record(s, 0.9, val_acc=v) for s, v in zip((1, 2), a_val, strict=True)]
+    records += [fake_record(s, 0.9, lr=0.05, val_acc=v) for s, v in zip(b_seeds, b_val, strict=True)]
+    write_runs(tmp_path / "runs", records)
+    b = rows(compare_out(tmp_path / "runs", capsys)[0])["B"]
+    assert b.endswith(f"+0.20 pt, no spread measured ({how}); add seeds") and "seed noise" not in b
+
+
+def test_a_paired_verdict_names_the_seeds_it_left_out(tmp_path, capsys):
+    """B has seeds 1-10, A 1-3 and 11: the table's means are over all of them, the paired verdict over 1, 2 and 3."""
+    records = [fake_record(s, 0.90 + s / 1000) for s in (1, 2, 3, 11)]
+    records += [fake_record(s, 0.91 + s / 1000 + s % 2 / 1000, lr=0.05) for s in range(1, 11)]  # 1.1, 1.0, 1.1 pt
+    write_runs(tmp_path / "runs", records)
+    lines, _ = compare_out(tmp_path / "runs", capsys)
+    table = rows(lines)
+    assert table["A"].split()[2] == "4" and table["B"].split()[2] == "10"
+    assert "(paired t, n=3*): beyond seed noise" in table["B"]
+    note = " ".join(" ".join(lines[lines.index(next(line for line in lines if line.startswith("* B:"))) :]).split())
+    assert "seeds 1,2,3" in note and "B's seeds 4,5,6,7,8,9,10" in note and "A's seed 11" in note
+    assert max(len(line) for line in lines) <= 120
+
+
+def test_a_paired_verdict_on_all_seeds_has_no_note(tmp_path, capsys):
+    write_runs(tmp_path / "runs", val_gain_records((1, 2, 3)))
+    lines, _ = compare_out(tmp_path / "runs", capsys)
+    assert "(paired t, n=3)" in rows(lines)["B"] and not any(line.startswith("*") for line in lines)
+
+
+def test_extra_keys_in_final_are_ignored_but_the_fields_read_are_checked(tmp_path, capsys):
+    records = [fake_record(s, 0.9) for s in (1, 2, 3)]
+    records[0]["final"].update(note="fast", per_class=[0.9] * 10, checkpoint={"path": "model.pt"})
+    records[1]["final"]["seconds"] = "one minute"
+    write_runs(tmp_path / "runs", records)
+    lines, err = compare_out(tmp_path / "runs", capsys)
+    assert rows(lines)["A"].split()[2] == "2" and legend(lines)["A"].endswith("seeds 1,3")
+    one_line(err, "run-001", "seconds")
+
+
+def test_hundreds_of_groups_draw_without_matplotlib_warnings(tmp_path, capsys, monkeypatch):
+    """Too many legend entries to fit: the legend shows the first ones and says so; tight_layout does not warn."""
+    figures = drawn_figures(monkeypatch)
+    write_runs(tmp_path, [fake_record(1, 0.9, lr=i / 1000) for i in range(60)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lines, err = compare_out(tmp_path, capsys)
+    assert [str(w.message) for w in caught] == [] and err == [] and len(rows(lines)) == 60
+    box = figures[0].axes[0].get_legend()
+    assert len(box.get_texts()) <= 12 and "of 60 groups" in box.get_title().get_text()
+    assert png_size(tmp_path / "compare.png") == (1100, 500)
+
+
+def mixed_runs(folder):
+    """ann and cnn runs, two groups each, in folders whose names do not follow their start times."""
+    records = [fake_record(s, 0.88, lr=lr, script="ann") for lr in (0.1, 0.2) for s in (1, 2)]
+    records += [fake_record(s, 0.92, lr=lr, script="cnn") for lr in (0.3, 0.4) for s in (1, 2)]
+    folder.mkdir()
+    for i, record in enumerate(records):  # run-000 started last, run-007 first
+        (folder / f"run-{i:03d}").mkdir()
+        record = {**record, "started": f"2026-01-01T00:00:{59 - i:02d}"}
+        (folder / f"run-{i:03d}" / "metrics.json").write_text(json.dumps(record))
+
+
+def test_script_lists_only_the_groups_of_that_script(tmp_path, capsys):
+    mixed_runs(tmp_path / "runs")
+    everything = rows(compare_out(tmp_path / "runs", capsys)[0])
+    assert sorted(row.split()[1] for row in everything.values()) == ["ann", "ann", "cnn", "cnn"]
+    lines, _ = compare_out(tmp_path / "runs", capsys, "--script", "cnn")
+    assert [row.split()[1:3] for row in rows(lines).values()] == [["cnn", "2"], ["cnn", "2"]]
+    assert [line.split(";")[0] for line in legend(lines).values()] == ["A  cnn, lr=0.4", "B  cnn, lr=0.3"]  # by start
+
+
+def test_last_takes_the_most_recently_started_runs(tmp_path, capsys):
+    """The last three by start time are runs 2, 1 and 0 (ann lr=0.2 seed 1, ann lr=0.1 seeds 2 and 1), oldest
+    first; by folder name they would be the cnn runs."""
+    mixed_runs(tmp_path / "runs")
+    lines, _ = compare_out(tmp_path / "runs", capsys, "--last", "3")
+    assert [row.split()[1:3] for row in rows(lines).values()] == [["ann", "1"], ["ann", "2"]]
+    assert [line.split(";")[0] for line in legend(lines).values()] == ["A  ann, lr=0.2", "B  ann, lr=0.1"]
+    lines, _ = compare_out(tmp_path / "runs", capsys, "--script", "cnn", "--last", "1")
+    assert [row.split()[1:3] for row in rows(lines).values()] == [["cnn", "1"]]
+    assert legend(lines)["A"].startswith("A  cnn; seeds 1")
