@@ -168,7 +168,7 @@ def set_record(**changes):
         (set_record(hparams={"SEED": 0}), "settings are incomplete or damaged"),
         (set_record(final=None), "no final test accuracy"),
         (set_record(normalization=None), "normalisation"),
-        (set_record(status="interrupted"), "status is 'interrupted'"),
+        (set_record(status="interrupted", model_pt=None), "status is 'interrupted' and it saved no weights"),
         (set_record(script="mlp"), "not the record of a run"),
         (lambda f: (f / "model.pt").unlink(), "model.pt: cannot read it"),
         (lambda f: (f / "model.pt").write_bytes(b"PK\x03\x04 cut"), "model.pt: not a file written by torch.save"),
@@ -186,11 +186,18 @@ def test_a_run_folder_that_is_not_a_completed_run_is_one_line(change, words, run
     assert code == 2 and len(err) == 1 and words in err[0] and "Traceback" not in err[0]
 
 
+def test_a_stopped_run_is_used_with_the_weights_of_its_last_epoch_and_says_so(runs, tmp_path, capsys):
+    stopped = set_record(status="interrupted", final=None, model_pt="weights after epoch 1")
+    folder = broken(runs["cnn"], tmp_path, stopped)
+    code, err = run_cli(predict, [str(folder), "--test"], capsys)
+    assert code == 0 and len(err) == 1 and "'interrupted'" in err[0] and "weights after epoch 1" in err[0]
+
+
 def test_unusable_outputs_and_inputs_are_one_line(runs, test_images, tmp_path, capsys, monkeypatch):
     folder = save_raw(test_images[:2], tmp_path / "images")
     (tmp_path / "empty").mkdir()
     cases = [
-        ([str(folder), "--out", str(tmp_path / "no" / "such" / "folder.png")], "cannot write the figure"),
+        ([str(folder), "--out", str(tmp_path / "no" / "such" / "folder.png")], "cannot write"),
         ([str(tmp_path / "empty")], "no PNG, JPEG, BMP or WebP files"),
         ([str(folder), "--figure-images", "0"], "--figure-images"),
     ]

@@ -1,0 +1,124 @@
+"""predict.py on photos as phones take them: noisy, unevenly lit, and some with nothing to classify (issue #27)."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import ann
+import common
+import predict
+from conftest import ROOT, run_cli
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import photos  # noqa: E402
+
+TRAIN = ["--subset", "7000", "--val-size", "1000", "--epochs", "2"]  # a few seconds: an ANN right on 3 in 4 items
+
+
+@pytest.fixture(scope="module")
+def run(real_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    ann.main(TRAIN + ["--out-dir", str(out)])
+    return next(out.iterdir())
+
+
+@pytest.fixture(scope="module")
+def test_images(real_data_dir):
+    _, _, x_test, _ = common.load_fashion_mnist(real_data_dir)
+    return x_test[:100]
+
+
+def as_photo(image, rng, noise=6.0, gradient=50.0, light_item=False):
+    """A 28x28 test image as a phone might photograph it: 200 px at a random place on a 340x300 background, dark on
+    light (light on dark if light_item), brighter towards a random side by `gradient` grey levels, with sensor
+    noise of sigma `noise` (drawn here, not by benchmarks/photos.py, whose renderer the preparation was tried on)."""
+    item = np.asarray(Image.fromarray(image).resize((200, 200), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    ink = np.zeros((300, 340), dtype=np.float32)
+    top, left = rng.integers(0, 300 - 200), rng.integers(0, 340 - 200)
+    ink[top : top + 200, left : left + 200] = item
+    y, x = np.mgrid[0:300, 0:340] / 340
+    angle = rng.uniform(0, 2 * np.pi)
+    along = x * np.cos(angle) + y * np.sin(angle)
+    background = (40 if light_item else 205) + gradient * ((along - along.min()) / np.ptp(along) - 0.5)
+    grey = background + ink * (170 if light_item else -0.85 * background) + rng.normal(0, noise, ink.shape)
+    return Image.fromarray(grey.clip(0, 255).round().astype(np.uint8))
+
+
+def test_noisy_unevenly_lit_photos_get_the_class_the_original_images_get(run, test_images):
+    """Before issue #27 the trim stopped at noise pixels, so the item shrank to half the frame: 30% agreed."""
+    record, hp = predict.load_run(run)
+    model = predict.build_model(run, record, hp, torch.device("cpu"))
+    rng = np.random.default_rng(6)
+    prepared = [predict.prepare_photo(as_photo(image[0].numpy(), rng)) for image in test_images]
+    from_photos = model(torch.from_numpy(np.stack(prepared)).unsqueeze(1)).argmax(1)
+    agreement = (from_photos == model(test_images).argmax(1)).float().mean().item()
+    print(f"noisy photo agreement: {agreement:.0%}")
+    assert agreement >= 0.8
+
+
+@pytest.mark.parametrize("light_item", [False, True])
+def test_a_noisy_photo_is_prepared_light_on_black_filling_the_frame(test_images, light_item):
+    rng = np.random.default_rng(1)
+    for image in test_images[:20]:
+        prepared = predict.prepare_photo(as_photo(image[0].numpy(), rng, noise=8, light_item=light_item))
+        rows, cols = np.flatnonzero(prepared.max(1) > 40), np.flatnonzero(prepared.max(0) > 40)
+        assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= 20  # the long side; the originals' span 27-28
+        assert prepared[[0, 0, -1, -1], [0, -1, 0, -1]].max() < 40  # corners: background, black
+        assert prepared.max() == 255
+
+
+def plain(width, height, level):
+    return Image.new("L", (width, height), level)
+
+
+def with_item(canvas, box, level=30):
+    """canvas with a rectangle of the given level pasted over box (left, top, right, bottom)."""
+    canvas.paste(Image.new("L", (box[2] - box[0], box[3] - box[1]), level), box[:2])
+    return canvas
+
+
+def disc(canvas, box, level=30):
+    ImageDraw.Draw(canvas).ellipse(box, fill=level)
+    return canvas
+
+
+@pytest.mark.parametrize(
+    "image, words",
+    [
+        (Image.new("RGB", (640, 480), "white"), "blank"),
+        (as_photo(np.zeros((28, 28), dtype=np.uint8), np.random.default_rng(0), noise=8), "blank"),  # no item in it
+        (with_item(plain(640, 480, 230), (300, 200, 320, 220)), "tiny"),  # 20 px of 640
+        (with_item(plain(400, 300, 230), (0, 0, 400, 300)), "blank"),  # one colour edge to edge
+        (disc(plain(400, 400, 230), (-60, -60, 460, 460)), "all four edges"),  # cut off: only the corners light
+        (with_item(with_item(plain(400, 400, 230), (0, 150, 400, 250)), (150, 0, 250, 400)), "all four edges"),
+    ],
+    ids=["white", "noise and a gradient", "tiny item", "one colour", "cut off", "cross"],
+)
+def test_a_photo_with_nothing_to_classify_is_said_so(image, words):
+    problem = predict.photo_problem(image)
+    assert problem is not None and words in problem, problem
+
+
+@pytest.mark.parametrize("noise, gradient", [(0, 0), (8, 60)], ids=["clean", "noisy, unevenly lit"])
+def test_a_photo_of_an_item_is_not_warned_about(test_images, noise, gradient):
+    rng = np.random.default_rng(2)
+    for image in test_images[:10]:
+        photo = as_photo(image[0].numpy(), rng, noise=noise, gradient=gradient)
+        assert predict.photo_problem(photo) is None
+        assert predict.photo_problem(predict.grey_levels(photo)) is None  # or its grey levels
+
+
+def test_the_photos_benchmark_writes_its_table(run, tmp_path):
+    results = photos.main(["--run", str(run), "--images", "2", "--results", str(tmp_path)])
+    assert set(results["conditions"]) == {*photos.CONDITIONS, photos.VARIED}
+    assert all(0 <= scores["agreement"] <= 100 for scores in results["conditions"].values())
+    table = (tmp_path / "photos.md").read_text()
+    assert "| clean |" in table and "| noise 10 |" in table and (tmp_path / "photos.json").exists()
+
+
+def test_the_photos_benchmark_refuses_a_bad_setting_in_one_line(tmp_path, capsys):
+    code, err = run_cli(photos, ["--run", str(tmp_path), "--images", "0"], capsys)
+    assert code == 2 and len(err) == 1 and "--images 0" in err[0]
