@@ -8,6 +8,7 @@ plumbing.py; the names the scripts need from it are here too, so `import common`
 """
 
 import contextlib
+import copy
 import datetime
 import io
 import itertools
@@ -209,18 +210,19 @@ def to_device_normalized(splits, device):
 # Augmentation, vectorised on the device.
 
 
-def random_flip_and_shift(x, max_shift, generator, flip=True):
+def random_flip_and_shift(x, max_shift, generator, flip=True, background=0.0):
     """Each image mirrored left-right with probability 1/2 and shifted by up to `max_shift` pixels.
 
-    One gather per batch: the flip reverses the column index and the shift offsets both indices
-    into a copy padded with the background value (the minimum, i.e. a black pixel). A flat
-    `gather` is about twice as fast on a CPU as indexing with three broadcast index tensors.
+    One gather per batch: the flip reverses the column index and the shift offsets both indices into a copy
+    padded with `background` (the value of a black pixel, a Python number: reading it from the batch would make
+    the step wait for the device). A flat `gather` is about twice as fast on a CPU as indexing with three
+    broadcast index tensors.
     """
     if not max_shift and not flip:
         return x
     n, c, h, w = x.shape
     device = x.device
-    padded = F.pad(x, (max_shift,) * 4, value=float(x.min())) if max_shift else x
+    padded = F.pad(x, (max_shift,) * 4, value=background) if max_shift else x
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1, 1), device=device, generator=generator)
     rows = torch.arange(h, device=device).view(1, h, 1) + dy
     cols = torch.arange(w, device=device).view(1, 1, w)
@@ -243,23 +245,39 @@ def warmup_cosine(optimizer, total_steps, warmup):
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, decay], milestones=[warmup_steps])
 
 
-def ema_model(model, decay):
-    """A copy of the model whose weights and BatchNorm statistics are an exponential moving average of its own.
-
-    torch's AveragedModel does the bookkeeping; its get_ema_multi_avg_fn keeps the decay fixed, so the update
-    here is our own: the decay ramps up as min(decay, (1 + t) / (10 + t)) over the t averaged steps, and the
+class EMA(torch.nn.Module):
+    """A copy of the model whose weights and BatchNorm statistics are an exponential moving average of its own,
+    evaluated in its place. The decay ramps up as min(decay, (1 + t) / (10 + t)) over the t averaged steps, so the
     nearly random weights of the first steps are forgotten within a few hundred steps instead of lingering.
-    """
+
+    The step count is a Python number, so an update never waits for the device (torch's AveragedModel keeps
+    its count in a tensor and reads it at every update)."""
+
+    def __init__(self, model, decay):
+        super().__init__()
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.steps = decay, 0
+
+    def forward(self, x):
+        return self.module(x)
 
     @torch.no_grad()
-    def update(averaged, current, steps):
-        if not averaged[0].is_floating_point():  # BatchNorm's step counters: not averaged
-            torch._foreach_copy_(averaged, current)
-            return
-        weight = 1 - ((1 + steps) / (10 + steps)).clamp(max=decay)
-        torch._foreach_lerp_(averaged, current, weight)
+    def update_parameters(self, model):
+        pairs = list(zip(self.state_tensors(self.module), self.state_tensors(model), strict=True))
+        floats = [(mine, theirs) for mine, theirs in pairs if mine.is_floating_point()]
+        counters = [(mine, theirs) for mine, theirs in pairs if not mine.is_floating_point()]  # BatchNorm's
+        if self.steps == 0:  # the first update takes the weights of the first step as they are
+            floats, counters = [], pairs
+        else:
+            weight = 1 - min(self.decay, (1 + self.steps) / (10 + self.steps))
+            torch._foreach_lerp_([m for m, _ in floats], [t for _, t in floats], weight)
+        if counters:
+            torch._foreach_copy_([m for m, _ in counters], [t for _, t in counters])
+        self.steps += 1
 
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    @staticmethod
+    def state_tensors(model):
+        return [*model.parameters(), *model.buffers()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,6 +385,7 @@ def confusion_matrix(predicted, labels):
 # The run: a folder per run with metrics.json (rewritten atomically after every epoch), plots and weights.
 
 
+TRAIN_SAMPLE = 10_000  # training images the final train accuracy is measured on: all 55,000 cost a third of an epoch
 RECORD_LIMIT = 2**24  # bytes: a record of ten thousand epochs takes about 2 MB
 
 
@@ -393,6 +412,7 @@ class Run:
         self.script = script
         self.hp = hp
         self.kept_model = None
+        self.unsaved = None  # why the latest weights could not be saved, if they could not
         self.reported = False  # True once the finished run's record, plots and summary are all written
         self.record = {
             "script": script,
@@ -431,31 +451,28 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        """A run that trained at least one epoch keeps its record and plots whatever ends it (Ctrl-C, a signal, a
-        closed output, a divergence, an error), and its latest weights unless they diverged to NaN. One that
-        fails with an error before its first epoch leaves no folder behind; a stopped or diverged one keeps
-        its record."""
+        """A run that trained at least one epoch keeps its record, plots and the weights of its last finished epoch
+        (written when the epoch ended) whatever ends it: Ctrl-C, a signal, a closed output, a divergence, an error.
+        One that fails with an error before its first epoch leaves no folder behind."""
         if exc_type is None or self.reported:  # e.g. Ctrl-C while --show's windows are open: the run is complete
             return False
         stopped = issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError))  # Ctrl-C, a signal, `| head`
         status = "interrupted" if stopped else "diverged" if exc_type is Diverged else "failed"
         with signals_ignored():
-            if self.record["history"] and self.kept_model is not None and status != "diverged":
-                save_tensors(self.dir / "model.pt", getattr(self.kept_model, "module", self.kept_model).state_dict())
-                self.record["model_pt"] = f"weights when {status}, after epoch {len(self.record['history'])}"
             if status == "failed" and not self.record["history"]:
                 with contextlib.suppress(OSError):
                     self.dir.rmdir()  # only ever empty here: nothing is written before the first epoch
                 return False
             if status == "failed":
-                self.record["error"] = str(exc).splitlines()[0] if str(exc) else exc_type.__name__
+                self.record["error"] = (str(exc).splitlines() or [exc_type.__name__])[0]
             self.finish(status)
         return False
 
-    def start_training(self, model, kept_model=None):
-        """Record the trainable parameters, print the epoch table's header and start the epoch clock.
+    def start_training(self, data, model, kept_model=None):
+        """Record the split sizes and the trainable parameters, print the epoch table's header and start the clock.
 
-        `kept_model` (default: model) is the one whose weights an interrupted run saves."""
+        `kept_model` (default: model) is the one whose weights are saved after each epoch and evaluated."""
+        self.record["split_sizes"] = {name: len(split[0]) for name, split in data._asdict().items()}
         self.record["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.kept_model = kept_model if kept_model is not None else model
         columns = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
@@ -463,31 +480,40 @@ class Run:
         self.epoch_started = time.perf_counter()
 
     def log_epoch(self, epoch, train_loss, train_acc, val_loss, val_acc, lr):
-        """Add the epoch's row to the record (saved at once) and print it."""
+        """Save the epoch's weights, then add its row to the record (saved at once), and print it."""
         seconds = time.perf_counter() - self.epoch_started
-        self.record["history"].append(
-            {
-                "epoch": epoch,
-                "train_batch_loss": train_loss,
-                "train_batch_acc": train_acc,
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "lr": lr,
-                "seconds": seconds,
-            }
-        )
+        unsaved = self.unsaved
+        try:
+            save_tensors(self.dir / "model.pt", getattr(self.kept_model, "module", self.kept_model).state_dict())
+            self.record["model_pt"], self.unsaved = f"weights after epoch {epoch}", None
+        except UserError as error:  # a full disk: training goes on, so that at least its accuracies are recorded
+            self.unsaved = error
+        row = {"epoch": epoch, "train_batch_loss": train_loss, "train_batch_acc": train_acc}
+        self.record["history"].append({**row, "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": seconds})
         self.save()
+        if self.unsaved is not None and unsaved is None:  # said once, and only if the record could be written
+            print(f"{self.script}: warning: {self.unsaved}; training goes on without saving weights", file=sys.stderr)
         val = f"{val_loss:>8.4f} {val_acc:>7.2%}" if val_loss is not None else f"{'-':>8} {'-':>7}"
         print(f"{epoch:>5} {train_loss:>10.4f} {train_acc:>9.2%} {val} {lr:>9.2e} {seconds:>7.1f}", flush=True)
         epochs = getattr(self.hp, "epochs", 1)
-        if epoch == 1 and epochs > 1:
-            minutes = (time.perf_counter() - self.started + (epochs - 1) * seconds) / 60
-            print(f"      (about {minutes:.1f} min for all {epochs} epochs at this pace)")
+        if epoch == 2 and epochs > 2:  # the first epoch pays one-off costs, so the second sets the pace
+            minutes = (time.perf_counter() - self.started + seconds * (epochs - 2 + self.final_evaluation())) / 60
+            print(f"      (about {minutes:.1f} min in all at this pace, the final evaluation included)")
         self.epoch_started = time.perf_counter()
 
-    def report(self, model, train_acc, val_acc, test_logits, test_labels, test_images):
-        """The end of the run: records the final accuracies and the test evaluation the script made (per-class
-        accuracy, the confusion matrix), saves model.pt, draws the plots and prints the summary line."""
+    def final_evaluation(self):
+        """What the final evaluation costs, in epochs: its forward passes against an epoch's (a training image
+        costs about three, forward and backward; a validation image one), each test-time view counted."""
+        sizes = self.record["split_sizes"]
+        views = (1 + getattr(self.hp, "tta_flip", False)) * (1 + 4 * getattr(self.hp, "tta_shift", 0))
+        final = min(sizes["train"], TRAIN_SAMPLE) * (1 + getattr(self.hp, "tta_flip", False))
+        final += (sizes["val"] + sizes["test"]) * views
+        return final / (3 * sizes["train"] + sizes["val"])
+
+    def report(self, train_acc, val_acc, test_logits, test_labels, test_images):
+        """The end of the run: records and prints the final accuracies and the test evaluation the script made
+        (per-class accuracy, the confusion matrix), then draws the plots. The weights are those of the last epoch,
+        saved when it ended."""
         confusion = confusion_matrix(test_logits.argmax(1), test_labels)
         test_loss, test_acc = scores(test_logits, test_labels)
         self.record["final"] = {
@@ -500,30 +526,29 @@ class Run:
         per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
         self.record["per_class_test_acc"] = dict(zip(CLASSES, per_class.tolist(), strict=True))
         self.record["test_confusion"] = confusion.tolist()
-        save_tensors(self.dir / "model.pt", getattr(model, "module", model).state_dict())
-        self.record["model_pt"] = "final weights, as evaluated"
-        self.draw(plot_confusion, "confusion.png", confusion, title=f"{self.script}: test confusion, rows = true class")
-        self.draw(plot_misclassified, "misclassified.png", test_images.cpu(), test_labels.cpu(), test_logits.cpu())
-        self.finish("completed")
+        if self.unsaved is None:
+            self.record["model_pt"] = f"final weights, as evaluated (after epoch {len(self.record['history'])})"
+        self.finish(
+            "completed",
+            confusion=(plot_confusion, confusion, f"{self.script}: test confusion, rows = true class"),
+            misclassified=(plot_misclassified, test_images.cpu(), test_labels.cpu(), test_logits.cpu()),
+        )
+        if self.unsaved is not None:
+            raise UserError(f"{self.unsaved}; the accuracies are recorded in {self.dir / 'metrics.json'}")
         return self.record["final"]
 
-    def finish(self, status):
-        """Record the status, write metrics.json and curves.png, and print the summary line."""
+    def finish(self, status, **figures):
+        """Record the status, write metrics.json and print the summary line; then draw curves.png and the other
+        `figures` ({name: (plot, *arguments)}). A stop while they are drawn leaves the record as it is."""
         self.record["status"] = status
         self.save()
-        if self.record["history"]:
-            try:
-                self.draw(plot_curves, "curves.png", self.record["history"], title=f"{self.script}  ({self.dir.name})")
-            except KeyboardInterrupt:  # a second stop while a stopped run is saved must not lose its record
-                if status == "completed":
-                    raise
-                print(f"{self.script}: curves.png not drawn (KeyboardInterrupt)", file=sys.stderr)
         final = self.record["final"]
         if final:
             val = "n/a" if final["val_acc"] is None else f"{final['val_acc']:.2%}"
             print(
                 f"{self.script}: train_acc={final['train_acc']:.2%} val_acc={val} "
-                f"test_acc={final['test_acc']:.2%} seconds={final['seconds']:.1f}"
+                f"test_acc={final['test_acc']:.2%} seconds={final['seconds']:.1f}",
+                flush=True,
             )
         else:
             done = len(self.record["history"])
@@ -531,8 +556,31 @@ class Run:
                 f"{self.script}: {status} after {done} epoch(s); record in {self.dir / 'metrics.json'}", file=sys.stderr
             )
         self.reported = True
+        if self.record["history"]:
+            figures = {"curves": (plot_curves, self.record["history"], self.curve_labels()), **figures}
+        for name, (plot, *arguments) in figures.items():
+            try:
+                self.draw(plot, f"{name}.png", *arguments)
+            except KeyboardInterrupt:  # the record is written: a stop now only leaves the other figures undrawn
+                print(f"{self.script}: {name}.png and later figures not drawn (interrupted)", file=sys.stderr)
+                if status == "completed":
+                    raise
+                break
         if status == "completed" and getattr(self.hp, "show", False):
             show_plots(sorted(self.dir.glob("*.png")))
+
+    def curve_labels(self):
+        """The legend of curves.png, from what this run did: (training batches, validation, title)."""
+        hp = self.hp
+        augmented = (getattr(hp, "flip", False) or getattr(hp, "max_shift", 0)) and getattr(hp, "finetune", True)
+        what = [
+            "augmented" if augmented else "",
+            "dropout on" if getattr(hp, "dropout", 0) else "",
+            "label smoothing in the loss" if getattr(hp, "label_smoothing", 0) else "",
+        ]
+        batches = "training batches" + (f" ({', '.join(w for w in what if w)})" if any(what) else "")
+        validation = "validation (evaluated" + (", weight average)" if getattr(hp, "ema_decay", 0) else ")")
+        return batches, validation, f"{self.script}  ({self.dir.name})"
 
     def draw(self, plot, name, *args, **kwargs):
         """plot(*args, path, **kwargs) into the run folder. A figure that cannot be drawn (a full disk, a broken
@@ -551,22 +599,19 @@ class Run:
 # Plots: drawn with the Agg canvas, so they never block and need no display.
 
 
-def plot_curves(history, path, title=""):
-    """Loss and accuracy per epoch. The training curves are measured on the batches as they were trained
-    (augmented, dropout on, label smoothing in the loss), so they sit above an evaluation's loss; the
-    validation curves are an evaluation of the kept model."""
+def plot_curves(history, labels, path):
+    """Loss and accuracy per epoch: the training batches as they were trained, beside the validation evaluation.
+    `labels` are (training batches, validation, title), from the run's own settings (Run.curve_labels)."""
     from matplotlib.figure import Figure
 
+    train_label, val_label, title = labels
     epochs = [h["epoch"] for h in history]
-    train_label = "training batches (augmented, dropout on,\nlabel smoothing in the loss)"
     fig = Figure(figsize=(10, 4), dpi=100)
     for i, (key, label, scale) in enumerate((("loss", "cross-entropy loss", 1), ("acc", "accuracy (%)", 100))):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.plot(epochs, [scale * h[f"train_batch_{key}"] for h in history], "o-", markersize=3, label=train_label)
         if history[0][f"val_{key}"] is not None:
-            ax.plot(
-                epochs, [scale * h[f"val_{key}"] for h in history], "o-", markersize=3, label="validation (evaluated)"
-            )
+            ax.plot(epochs, [scale * h[f"val_{key}"] for h in history], "o-", markersize=3, label=val_label)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -576,7 +621,7 @@ def plot_curves(history, path, title=""):
     save_figure(fig, path)
 
 
-def plot_confusion(confusion, path, title=""):
+def plot_confusion(confusion, title, path):
     """The confusion matrix normalised per true class (rows sum to 1), with per-class accuracy."""
     from matplotlib.figure import Figure
 

@@ -54,6 +54,16 @@ def anything(value):
     return True
 
 
+def pixels(text):
+    """An image size: a whole number of pixels, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid image size: {text!r} (a number of pixels, or auto)") from None
+
+
 # The training scripts' settings: (type, check, what is allowed). The type is the flag's, whatever the default
 # is written as (DROPOUT = 0 still takes --dropout 0.3); a constant of another type is refused. predict.py and
 # compare.py add their own (`checks`). A run's record is checked against the same table (check_recorded).
@@ -65,7 +75,7 @@ SETTINGS = {
     "WEIGHT_DECAY": (float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "WARMUP": (float, lambda v: 0 < v < 1, "a number in (0, 1)"),
     "DROPOUT": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "FC_WIDTH": (int, lambda v: 1 <= v <= 65536, "an integer in [1, 65536]"),
+    "FC_WIDTH": (int, lambda v: v >= 1, "an integer >= 1"),
     "LABEL_SMOOTHING": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "EMA_DECAY": (float, lambda v: 0 <= v < 1, "a number in [0, 1) (0 turns EMA off)"),
     "MAX_SHIFT": (int, lambda v: 0 <= v <= 8, "an integer in [0, 8] (pixels)"),
@@ -91,7 +101,7 @@ SETTINGS = {
         lambda v: v in ("DEFAULT", "none") or v.startswith("IMAGENET") or Path(v).is_file(),
         "DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2, none, or the path of an existing state-dict file",
     ),
-    "IMAGE_SIZE": (int, lambda v: 32 <= v <= 512, "an integer in [32, 512]: ResNets downsample 32x"),
+    "IMAGE_SIZE": (pixels, lambda v: v == "auto" or 32 <= v <= 512, "auto or an integer in [32, 512]"),
     "FINETUNE": (bool, anything, "on or off"),
     "EXTRACT_BATCH": (int, lambda v: v >= 1, "an integer >= 1"),
 }
@@ -114,7 +124,7 @@ def _comments(source):
 
 def _has_type(value, kind):
     """Whether value is of a setting's type: an int is a float too, but True is no number, and paths are strings."""
-    expected = {int: int, float: (int, float), bool: bool}.get(kind, str)
+    expected = {int: int, float: (int, float), bool: bool, pixels: (int, str)}.get(kind, str)
     return isinstance(value, expected) and (type(value) is not bool or kind is bool)
 
 
@@ -354,7 +364,6 @@ def atomic_write(path, data):
     its own temporary file, so two runs writing the same file at once never mix their bytes."""
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
             tmp = Path(f.name)
             f.write(data)
@@ -387,7 +396,15 @@ def load_tensors(path, what, limit):
     naming `what` unless its tensors take at most `limit` bytes: the size is read from the file's table of
     contents before anything is inflated. `{"state_dict": ...}`, as training frameworks save weights, is
     unwrapped."""
-    data = read_file(path, what, limit + 2**20)  # the tensors, and a little room for their names
+    with contextlib.suppress(OSError):  # read_file names a file that cannot be read
+        if os.stat(path).st_size > limit + 2**20:  # the tensors, and a little room for their names
+            raise UserError(
+                f"{what} {path}: {os.stat(path).st_size:,} bytes, more than the {limit:,} the expected tensors "
+                "take: the weights of another model, or no weights"
+            )
+    data = read_file(path, what, limit + 2**20)
+    if not data:
+        raise UserError(f"{what} {path}: the file is empty")
     try:
         inflated = 0  # torch's older format (not a zip) stores its tensors as they are: nothing to inflate
         if zipfile.is_zipfile(io.BytesIO(data)):

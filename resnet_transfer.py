@@ -23,9 +23,7 @@ BACKBONE = "resnet50"  # resnet18 or resnet34 (512 features) or resnet50 (2048 f
 # V1 rather than torchvision's DEFAULT (V2): V2 was trained with label smoothing, mixup and cutmix, which make
 # frozen features transfer worse (Kornblith et al. 2019); not measured here.
 WEIGHTS = "IMAGENET1K_V1"  # IMAGENET1K_V1, IMAGENET1K_V2 (resnet50), DEFAULT (the newest), a state-dict file, none
-# RESULTS.md has the table: on a CPU without bf16 units 64 px extracts 2-3x faster for 1.3 points less; on a GPU,
-# where extraction takes seconds, 128-160 px buy 0.5-1.0 point more.
-IMAGE_SIZE = 96  # pixels the 28x28 images are resized to, in [32, 512]; extraction time grows with its square
+IMAGE_SIZE = "auto"  # pixels the images are resized to, 32-512; auto: 64 on CPUs without bf16 units, 96 with, 128 GPU
 EPOCHS = 30  # passes over the training split (the head alone, on cached features, unless FINETUNE)
 BATCH_SIZE = 256  # images per optimizer step
 LR = 0.002  # peak learning rate of AdamW (linear warm-up, then cosine decay to 0)
@@ -169,7 +167,7 @@ def cached_features(cache_dir, settings, extract, x_train, x_test, width):
             expected = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}  # float32, no memory
             if all(usable(cached.get(k), like) for k, like in expected.items()):
                 return cached["train"], cached["test"], path
-            print(f"cache {path} is damaged (not the features these settings give); extracting them again")
+            print(f"cache {path} is damaged (its tensors have the wrong shape, type or values); extracting again")
         except common.UserError as error:
             print(f"{error}; extracting the features again")
     print(f"extracting features of {len(x_train) + len(x_test)} images (once) ...", flush=True)
@@ -214,6 +212,8 @@ def main(argv=None):
     precision = common.pick_precision(hp.precision, device)  # auto: 16 bits where the device has the units for it
     amp = common.autocast(device, precision)  # the context the forward passes run in
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
+    if hp.image_size == "auto":  # extraction time grows with the square of the size: what the device affords
+        hp.image_size = 128 if device.type == "cuda" else 96 if precision == "bf16" else 64
     with common.Run("resnet_transfer", hp, device, precision) as run:
         torch.manual_seed(hp.seed)
         backbone, weights_id, mean, std = load_backbone(hp.backbone, hp.weights, hp.seed)
@@ -258,21 +258,22 @@ def main(argv=None):
         generator = torch.Generator(device).manual_seed(hp.seed)  # batch order and augmentation
 
         def augment(images):
-            return common.random_flip_and_shift(images.float(), hp.max_shift, generator, flip=hp.flip)
+            return common.random_flip_and_shift(images.float(), hp.max_shift, generator, hp.flip)
 
         # Evaluation runs BATCH_SIZE inputs at a time, as training does: with FINETUNE the backbone runs on every
         # image evaluated, and a batch that fits a training step fits here too (at 512 px an image takes 30-55 MB).
-        run.start_training(model)
+        run.start_training(data, model)
         for epoch in range(1, hp.epochs + 1):
             batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment if hp.finetune else None)
             train_loss, train_acc = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp, scaler)
             val_loss, val_acc = common.evaluate(model, *data.val, amp, chunk=hp.batch_size)
             run.log_epoch(epoch, train_loss, train_acc, val_loss, val_acc, scheduler.get_last_lr()[0])
 
-        train_acc = common.evaluate(model, *data.train, amp, chunk=hp.batch_size)[1]  # val_acc: the last epoch's
+        sample = [x[: common.TRAIN_SAMPLE] for x in data.train]  # a fixed sample: all of it would cost far more
+        train_acc = common.evaluate(model, *sample, amp, chunk=hp.batch_size)[1]  # val_acc: the last epoch's
         # The test set, evaluated once, after training: every choice was made on validation.
         test_logits = common.predict(model, data.test[0], amp, chunk=hp.batch_size)
-        return run.report(model, train_acc, val_acc, test_logits, data.test[1], x_test)
+        return run.report(train_acc, val_acc, test_logits, data.test[1], x_test)
 
 
 if __name__ == "__main__":

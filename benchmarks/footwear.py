@@ -22,15 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import quiet_ctrl_c  # noqa: E402, F401  (before torch: a Ctrl-C while it loads ends without a traceback)
-
 import torch  # noqa: E402
 from accuracy import machine, measured_on  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import common  # noqa: E402
 import compare  # noqa: E402
-import plumbing  # noqa: E402
 import predict  # noqa: E402
 
 FOOTWEAR = [5, 7, 9]  # sandal, sneaker, ankle boot
@@ -81,17 +78,17 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="as the scripts' --device")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     args = parser.parse_args(argv)
+    device = common.pick_device(args.device)
     if not 1 <= args.images <= 10_000:
         raise common.UserError(f"--images {args.images}: use a number from 1 to 10000")
     if not args.runs.is_dir():
         raise common.UserError(f"--runs {args.runs}: not a folder; point it at the folder of run folders")
-    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
+    common.writable_folder(args.results, "--results")  # checked now, not after the measurements
     runs = compare.load_runs(args.runs)
     groups = compare.group_runs(runs)
     if not groups:
         raise common.UserError(f"--runs {args.runs}: no completed runs there")
     folders = {id(record): folder for folder, record in runs}
-    device = common.resolve_device(args.device)
     _, _, x, y = common.load_fashion_mnist()
     x, y = x[: args.images], y[: args.images]
     photos = as_photos(x)
@@ -117,4 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(plumbing.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up
+    raise SystemExit(common.run_main(main))  # a user error is one line and exit code 2, Ctrl-C cleans up

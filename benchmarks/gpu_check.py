@@ -124,7 +124,7 @@ def cnn_epoch(device, precision, compile_mode=None, batches=None, ema=True, batc
     model = cnn.CNN(cnn.FC_WIDTH, cnn.DROPOUT).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, fused=True)
     scheduler = common.warmup_cosine(optimizer, 40 * batches, cnn.WARMUP)
-    ema = common.ema_model(model, cnn.EMA_DECAY) if ema else None
+    ema = common.EMA(model, cnn.EMA_DECAY) if ema else None
     amp = common.autocast(device, precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     trained = torch.compile(model, mode=compile_mode) if compile_mode else model

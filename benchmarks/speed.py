@@ -104,14 +104,14 @@ def our_pipeline(name, n, device, tmp):
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    ema = common.ema_model(model, hp.ema_decay) if hp.ema_decay else None
+    ema = common.EMA(model, hp.ema_decay) if hp.ema_decay else None
     generator = torch.Generator(device).manual_seed(0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
     amp = common.autocast(device, precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def augment(x):
-        return common.random_flip_and_shift(x, hp.max_shift, generator, flip=hp.flip)
+        return common.random_flip_and_shift(x, hp.max_shift, generator, hp.flip, float(x.min()))
 
     def epoch():
         batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment)

@@ -6,6 +6,7 @@ test_compare.py.
 """
 
 import json
+import re
 import sys
 
 import pytest
@@ -40,11 +41,27 @@ def test_main_runs_end_to_end_and_writes_the_run_folder(script, extra, real_data
     assert last_line.startswith(f"{script.__name__}: train_acc=") and "test_acc=" in last_line
 
 
-def test_the_expected_duration_is_printed_after_the_first_epoch(real_data_dir, tmp_path, capsys):
+def test_the_expected_duration_is_printed_after_the_second_epoch_final_evaluation_included(
+    real_data_dir, tmp_path, capsys
+):
+    """The first epoch pays one-off costs (memory, kernels chosen), so the second one sets the pace."""
     ann.main(SMALL + ["--epochs", "3", "--out-dir", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.split()[:1] == ["1"])
-    assert "min for all 3 epochs" in lines[first + 1] and lines[first + 2].split()[0] == "2"
+    rows = {line.split()[0]: i for i, line in enumerate(lines) if line.split()[:1] in (["1"], ["2"], ["3"])}
+    estimate = lines[rows["2"] + 1]
+    assert rows["2"] == rows["1"] + 1 and rows["3"] == rows["2"] + 2
+    assert re.fullmatch(r" +\(about \d+\.\d min in all at this pace, the final evaluation included\)", estimate)
+
+
+def test_the_curves_legend_says_what_the_run_did(real_data_dir, tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(common, "plot_curves", lambda history, labels, path: drawn.append(labels))
+    ann.main(SMALL + ["--label-smoothing", "0", "--no-flip", "--out-dir", str(tmp_path)])
+    cnn.main(SMALL + ["--ema-decay", "0", "--out-dir", str(tmp_path)])
+    (ann_batches, ann_validation, _), (cnn_batches, cnn_validation, _) = drawn
+    assert ann_batches == "training batches (dropout on)" and ann_validation == "validation (evaluated, weight average)"
+    assert cnn_batches == "training batches (augmented, dropout on, label smoothing in the loss)"
+    assert cnn_validation == "validation (evaluated)"
 
 
 def test_every_plot_is_a_png_of_the_expected_size(ann_run):

@@ -8,10 +8,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ann
 import cnn
 import common
+import resnet_transfer
 from conftest import SMALL, run_cli
 
 # ----------------------------------------------------------------------------------------------
@@ -80,13 +82,13 @@ def test_the_scripts_epoch_steps_optimizer_scheduler_and_average_once_per_batch(
     model = ann.ANN(dropout=0.1) if script is ann else cnn.CNN(16, 0.1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    ema = common.ema_model(model, 0.9)
+    ema = common.EMA(model, 0.9)
     batches = common.shuffled_batches(x, y, 64, torch.Generator().manual_seed(0))
     amp = common.autocast(torch.device("cpu"), "fp32")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss, acc = script.train_one_epoch(model, batches, optimizer, scheduler, nn.CrossEntropyLoss(), ema, amp, scaler)
     steps = common.steps_per_epoch(1003, 64)
-    assert scheduler.last_epoch == steps == 16 and ema.n_averaged.item() == steps
+    assert scheduler.last_epoch == steps == 16 and ema.steps == steps
     assert loss > 0 and 0 <= acc <= 1
 
 
@@ -159,7 +161,7 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
 def test_ema_ramps_its_decay_up_and_averages_batchnorm_statistics():
     """Fed a model whose weight and BatchNorm running mean step up by 1 each time (t = 0, 1, 2, ...)."""
     model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
-    averaged = common.ema_model(model, decay=0.9)
+    averaged = common.EMA(model, decay=0.9)
     lags = []
     for t in range(200):
         with torch.no_grad():
@@ -183,10 +185,69 @@ def test_ema_forgets_the_first_random_weights_within_a_few_hundred_steps():
     model = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(1000.0)  # the freshly initialised weights
-    averaged = common.ema_model(model, decay=0.999)
+    averaged = common.EMA(model, decay=0.999)
     averaged.update_parameters(model)
     with torch.no_grad():
         model.weight.fill_(0.0)  # where training has taken them
     for _ in range(300):
         averaged.update_parameters(model)
     assert abs(averaged.module.weight.item()) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# The step never waits for the device
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts the operations that read a value back from the device to the host: .item(), float(), bool() and
+    comparisons of a tensor in an `if` all end in one of these. On a GPU each makes the host wait for the device."""
+
+    READS = {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.equal.default,
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "script, extra",
+    [
+        (ann, []),
+        (cnn, []),
+        (resnet_transfer, ["--weights", "none", "--backbone", "resnet18", "--image-size", "32"]),
+    ],
+)
+def test_the_training_step_reads_at_most_one_value_from_the_device_per_ten_steps(
+    script, extra, real_data_dir, tmp_path, monkeypatch
+):
+    """The script's own train_one_epoch, its batches (and their augmentation) drawn inside it, as main() runs it."""
+    counted, original = [], script.train_one_epoch
+
+    def counting_epoch(model, batches, *args):
+        steps = []
+
+        def counting(batches):
+            for batch in batches:
+                steps.append(batch)
+                yield batch
+
+        with DeviceReads() as reads:
+            result = original(model, counting(batches), *args)
+        counted.append((reads.count, len(steps)))
+        return result
+
+    monkeypatch.setattr(script, "train_one_epoch", counting_epoch)
+    argv = ["--subset", "10500", "--val-size", "500", "--batch-size", "100", "--epochs", "2", *extra]
+    if script is resnet_transfer:
+        argv += ["--cache-dir", str(tmp_path / "cache")]
+    script.main(argv + ["--out-dir", str(tmp_path / "runs")])
+    reads, steps = (sum(column) for column in zip(*counted, strict=True))
+    assert steps == 200 and reads / steps <= 0.1, f"{reads} reads in {steps} steps"

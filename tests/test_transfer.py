@@ -90,7 +90,7 @@ def test_cached_features_equal_fresh_ones(real_data_dir, tmp_path):
     backbone, _, mean, std = rt.load_backbone("resnet18", "none", 0)
     x_train, _, x_test, _ = common.take_subset(600, *common.load_fashion_mnist())
     cpu = torch.device("cpu")
-    amp = common.autocast(cpu, saved["key"].split("-")[-2])  # the precision the cache was made in
+    amp = common.autocast(cpu, cache.stem.split("-")[-2])  # the precision the cache was made in (in its name)
     fresh = rt.extract_features(rt.Preprocess(32, mean, std), backbone, x_test, cpu, amp, 128)
     assert torch.allclose(saved["test"], fresh, rtol=1e-3, atol=1e-3)
 
@@ -223,7 +223,7 @@ def bad_weight_files(tmp_path):
         "code-in-torch-format.pt": (lambda p: torch.save({"x": RunsCode()}, p), "pickled Python objects"),
         "empty.pt": (lambda p: p.write_bytes(b""), "the file is empty"),
         "notes.txt": (lambda p: p.write_text("these are not weights\n"), "not a file written by torch.save"),
-        "resnet34.pt": (lambda p: torch.save(resnet34.state_dict(), p), "not a resnet18 state dict"),
+        "resnet34.pt": (lambda p: torch.save(resnet34.state_dict(), p), "the weights of another model"),
         "ten-classes.pt": (lambda p: torch.save(ten_classes, p), "fc.weight has shape (10, 512)"),
         "a-list.pt": (lambda p: torch.save([torch.zeros(1)], p), "holds no state dict"),
     }
