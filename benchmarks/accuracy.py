@@ -49,7 +49,7 @@ ABLATIONS = {
         "no flips, in training or at test time": ["--no-flip", "--no-tta-flip"],
         "no shift augmentation": ["--max-shift", "0"],
         "no label smoothing": ["--label-smoothing", "0"],
-        "no EMA of weights": ["--ema-decay", "0"],
+        "with a weight average (off by default)": ["--ema-decay", "0.999"],
         "no test-time shifts": ["--tta-shift", "0"],
         f"15 epochs instead of {cnn.EPOCHS}": ["--epochs", "15"],
     },

@@ -64,11 +64,14 @@ def test_the_curves_legend_says_what_the_run_did(real_data_dir, tmp_path, monkey
     assert cnn_validation == "validation (evaluated)"
 
 
-def test_every_plot_is_a_png_of_the_expected_size(ann_run):
+def test_every_plot_is_a_drawn_png(ann_run):
+    from matplotlib.image import imread
+
     run_dir, _, _ = ann_run
-    assert png_size(run_dir / "curves.png") == (1000, 400)
-    assert png_size(run_dir / "confusion.png") == (900, 800)
-    assert png_size(run_dir / "misclassified.png") == (1200, 900)
+    for name in ("curves.png", "confusion.png", "misclassified.png"):
+        png_size(run_dir / name)  # a real PNG
+        pixels = imread(run_dir / name)
+        assert pixels.std() > 0.05, name  # something drawn on it, not a blank canvas
 
 
 def test_confusion_matrix_agrees_with_the_test_accuracy(ann_run, real_data_dir):
@@ -86,11 +89,10 @@ def test_confusion_matrix_agrees_with_the_test_accuracy(ann_run, real_data_dir):
 def test_record_names_the_environment_and_the_trained_weights(ann_run):
     run_dir, record, _ = ann_run
     assert record["torch_version"] == torch.__version__ and record["device_name"]
-    # the count of the weights the run saved, less BatchNorm's running statistics (kept, not trained)
-    state = torch.load(run_dir / "model.pt", weights_only=True)
-    statistics = ("running_mean", "running_var", "num_batches_tracked")
-    assert record["trainable_params"] == sum(v.numel() for k, v in state.items() if not k.endswith(statistics))
-    assert record["trainable_params"] == sum(p.numel() for p in ann.ANN(dropout=0.1).parameters())
+    state = torch.load(run_dir / "model.pt", weights_only=True)  # the weights the record's run trained
+    model = ann.ANN(dropout=0.1)
+    model.load_state_dict(state)
+    assert record["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_model_pt_reproduces_the_saved_test_accuracy(ann_run):

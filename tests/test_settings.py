@@ -5,6 +5,7 @@ resnet_transfer.py's own settings (--backbone, --image-size, --weights) are test
 """
 
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -100,9 +101,12 @@ def test_a_tilde_for_a_user_who_does_not_exist_is_one_line(argv, env, tmp_path, 
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_the_largest_seed_trains(real_data_dir, tmp_path, capsys):
+def test_the_largest_seed_trains_and_is_recorded(real_data_dir, tmp_path, capsys):
     code, err = run_cli(ann, SMALL + ["--seed", str(2**64 - 1), "--out-dir", str(tmp_path)], capsys)
     assert code == 0, err
+    (metrics,) = tmp_path.glob("*/metrics.json")
+    record = json.loads(metrics.read_text())
+    assert record["status"] == "completed" and record["hparams"]["SEED"] == 2**64 - 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from conftest import SMALL, run_cli
 def test_models_map_images_to_ten_logits_and_their_widths_follow_the_settings():
     x = torch.randn(5, 1, 28, 28)
     assert ann.ANN(dropout=0.1)(x).shape == cnn.CNN(fc_width=32, dropout=0.1)(x).shape == (5, 10)
-    # FC_WIDTH is the hidden layer's width: each extra unit adds its weights in, its bias and its weights out.
-    narrow, wide = (sum(p.numel() for p in cnn.CNN(w, 0.1).parameters()) for w in (64, 65))
-    assert wide - narrow == cnn.CNN(64, 0.1).classifier[1].in_features + 1 + 10
+    # FC_WIDTH is the width of the hidden layer the classifier's last layer reads.
+    for width in (16, 64):
+        model = cnn.CNN(fc_width=width, dropout=0.1).eval()
+        assert model.classifier[:-1](model.features(x)).shape == (5, width)
     # A layer followed by BatchNorm needs no bias of its own (BatchNorm's shift replaces it).
     for model in (ann.ANN(0.1), cnn.CNN(64, 0.1)):
         layers = list(model.modules())
