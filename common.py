@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -604,7 +605,7 @@ def plot_curves(history, labels, path):
     `labels` are (training batches, validation, title), from the run's own settings (Run.curve_labels)."""
     from matplotlib.figure import Figure
 
-    train_label, val_label, title = labels
+    train_label, val_label, title = (textwrap.fill(label, 40) for label in labels)
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(10, 4), dpi=100)
     for i, (key, label, scale) in enumerate((("loss", "cross-entropy loss", 1), ("acc", "accuracy (%)", 100))):
@@ -615,7 +616,7 @@ def plot_curves(history, labels, path):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper right" if key == "loss" else "lower right")
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
