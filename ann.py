@@ -76,7 +76,7 @@ def main(argv=None):
     precision = common.pick_precision(hp.precision, device)  # auto: 16 bits where the device has the units for it
     amp = common.autocast(device, precision)  # the context the forward passes run in
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
-    with common.Run("ann", hp, device, precision) as run:
+    with common.Run("ann", hp, device, precision, hp.out_dir) as run:
         torch.manual_seed(hp.seed)
         data_dir = common.find_fashion_mnist(hp.data_dir)
         splits = common.load_splits(data_dir, hp.subset, hp.val_size, hp.seed)
@@ -98,7 +98,13 @@ def main(argv=None):
         def augment(images):
             return common.random_flip_and_shift(images, hp.max_shift, generator, hp.flip, black)
 
-        run.start_training(data, model, evaluated)
+        views = 1 + hp.tta_flip  # each image and its mirror, at the end
+        trained = {
+            "augmented": hp.flip or hp.max_shift,
+            "dropout on": hp.dropout,
+            "label smoothing in the loss": hp.label_smoothing,
+        }
+        run.start_training(data, model, evaluated, hp.epochs, views, trained)
         for epoch in range(1, hp.epochs + 1):
             batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment)
             train_loss, train_acc = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, ema, amp, scaler)
@@ -110,7 +116,13 @@ def main(argv=None):
         val_acc = common.evaluate(evaluated, *data.val, amp, hp.tta_flip)[1]
         # The test set, evaluated once, after training: every choice was made on validation.
         test_logits = common.predict(evaluated, data.test[0], amp, hp.tta_flip)
-        return run.report(train_acc, val_acc, test_logits, data.test[1], splits.test[0])
+        test_loss, test_acc = common.scores(test_logits, data.test[1])
+        final = dict(train_acc=train_acc, val_acc=val_acc, test_acc=test_acc, test_loss=test_loss)
+        mistakes = (common.plot_misclassified, "misclassified.png", splits.test[0], splits.test[1], test_logits.cpu())
+        run.finish(final, common.confusion_matrix(test_logits, data.test[1]), [mistakes])
+    if hp.show:
+        common.show_plots(run.dir)
+    return run.record["final"]
 
 
 if __name__ == "__main__":

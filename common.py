@@ -1,51 +1,43 @@
 """The toolbox that ann.py, cnn.py and resnet_transfer.py share, in the order a run uses it.
 
-Device and precision, data, augmentation, the learning-rate schedule and the weight average, batches and the
-running tally of an epoch, evaluation, the run's record and report, plots. Each helper does one thing; models,
-optimizers, recipes, the training step and the test evaluation are what a reader came to see, so they live in
-the scripts. What keeps a run safe (checked settings, verified files, atomic writes, clean stops) is in
-plumbing.py; the names the scripts need from it are here too, so `import common` is all a script imports.
+The device and precision, the data, augmentation, the learning-rate schedule and the weight average, batches and
+the running tally of an epoch, evaluation, the run's record, plots. Models, optimizers, recipes, the training
+step and the test evaluation are what a reader came to see, so they live in the scripts. What keeps a run safe
+(checked settings, verified files, atomic writes, clean stops) is in plumbing/, out of the way.
 """
 
+import collections
 import contextlib
 import copy
 import datetime
 import io
-import itertools
 import json
 import math
 import os
-import platform
 import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import (  # noqa: F401  (re-exported for the scripts)
+from plumbing import (  # noqa: F401  (parse_hparams and run_main: for the scripts)
     FILES,
-    HERE,
     Diverged,
     UserError,
     atomic_write,
-    check_recorded,
-    check_state_dict,
-    expand_path,
+    check_device,
     find_fashion_mnist,
     find_file,
-    load_tensors,
+    new_run_folder,
     parse_hparams,
-    read_file,
     read_idx,
     run_main,
     save_tensors,
     signals_ignored,
-    state_bytes,
-    writable_folder,
 )
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -61,14 +53,8 @@ def pick_device(name):
     kernels are deterministic already)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name not in ("cpu", "cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0 or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
+    if name != "cpu":
+        check_device(name)  # one that is not here is refused in one line
     if name.startswith("cuda"):
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -82,21 +68,16 @@ def has_fast(dtype, device):
     torch.cuda.is_bf16_supported() is no guide: it also answers True where bf16 is only emulated.
     CPU: bf16 with AVX-512-BF16 or AMX, fp16 with AMX-FP16. MPS: not verified here, so neither."""
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return major >= (8 if dtype == "bf16" else 7)
-    if device.type == "cpu":
-        probes = (
-            ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == "bf16" else ("_is_amx_fp16_supported",)
-        )
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return False
+        return torch.cuda.get_device_capability(device)[0] >= (8 if dtype == "bf16" else 7)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == "bf16" else ("_is_amx_fp16_supported",)
+    return device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def pick_precision(name, device):
     """PRECISION: "auto" picks bf16 where the device has bf16 units, else fp16 on CUDA tensor cores (with loss
     scaling), else fp32. An explicit one is refused where it cannot work and warned about where it is emulated.
     fp32 on an Ampere or newer GPU runs its matrix products in TF32 (fp32's range, a 10-bit mantissa), several
-    times faster, as cuDNN's convolutions already do by default."""
+    times faster, as cuDNN's convolutions already do: that precision is called "tf32"."""
     if name == "auto":
         fp16 = device.type == "cuda" and has_fast("fp16", device)
         name = "bf16" if has_fast("bf16", device) else "fp16" if fp16 else "fp32"
@@ -112,45 +93,39 @@ def pick_precision(name, device):
         )
     if name == "fp32" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         torch.set_float32_matmul_precision("high")
+        return "tf32"
     return name
 
 
 def autocast(device, precision):
     """The context that the forward passes run in: autocast to bf16 or fp16 on the device (matrix products and
-    convolutions in 16 bits, sums and losses in fp32), a no-op for fp32. One object serves every `with` in turn."""
+    convolutions in 16 bits, sums and losses in fp32), a no-op in fp32 and tf32. One object serves every `with`."""
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
 def device_name(device):
-    """The device as the first line of a run names it: the GPU with its capability and memory, or the CPU."""
+    """The device as a run records it: the GPU with its capability and memory, or the CPU and its threads."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         memory = torch.cuda.get_device_properties(device).total_memory / 2**30
         return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}, {memory:.0f} GiB"
-    if device.type == "cpu":
-        return f"{cpu_model()}, {torch.get_num_threads()} threads"
-    return device.type
+    return f"{cpu_model()}, {torch.get_num_threads()} threads" if device.type == "cpu" else device.type
 
 
 def cpu_model():
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), os.name)
 
 
 # ----------------------------------------------------------------------------------------------
 # Data: uint8 tensors, loaded once, split, normalised once, kept on the device.
 
 
-class Splits(NamedTuple):
-    """(images, labels) of each split."""
-
-    train: tuple
-    val: tuple
-    test: tuple
+Splits = collections.namedtuple("Splits", ["train", "val", "test"])  # (images, labels) of each split
 
 
 def load_fashion_mnist(data_dir=None):
@@ -172,17 +147,13 @@ def take_subset(n, *arrays):
 
 
 def stratified_split(labels, val_size, seed):
-    """Indices (train, val) with `val_size` validation images spread evenly over the classes."""
-    generator = torch.Generator().manual_seed(seed)
-    n_classes = int(labels.max()) + 1
-    shuffled = torch.randperm(len(labels), generator=generator)
-    order = shuffled[torch.argsort(labels[shuffled], stable=True)]  # grouped by class, random within
-    counts = torch.bincount(labels, minlength=n_classes)
-    rank = torch.arange(len(labels)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    per_class = torch.full((n_classes,), val_size // n_classes)
-    per_class[: val_size % n_classes] += 1
-    is_val = rank < per_class[labels[order]]
-    return order[~is_val].sort().values, order[is_val].sort().values
+    """Indices (train, val) with `val_size` validation images spread evenly over the classes, drawn at random."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    n = int(labels.max()) + 1  # classes
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(n):  # the first val_size / n images of each class, in the random order
+        is_val[order[labels[order] == c][: val_size // n + (c < val_size % n)]] = True
+    return (~is_val).nonzero().flatten(), is_val.nonzero().flatten()
 
 
 def split_validation(x_train, y_train, x_test, y_test, val_size, seed):
@@ -305,8 +276,8 @@ def shuffled_batches(x, y, batch_size, generator, augment=None):
 
 
 class Tally:
-    """An epoch's running training loss and accuracy, summed on the device (reading them at every step would
-    make the CPU wait for the device each time); every 20 steps it checks that the loss is still finite.
+    """An epoch's running training loss and accuracy, summed on the device: reading them at every step would make
+    the CPU wait for the device each time. Every 20 steps it checks that the loss is still finite.
 
     They are measured on the batches as they were trained: augmented, in train mode (dropout on) and with the
     weights of each moment, so they are not comparable to an evaluation."""
@@ -317,21 +288,22 @@ class Tally:
     def add(self, loss, logits, labels):
         self.loss_sum += loss.detach() * len(labels)
         self.correct += (logits.argmax(1) == labels).sum()
-        self.seen += len(labels)
-        self.steps += 1
+        self.seen, self.steps = self.seen + len(labels), self.steps + 1
         if self.steps % 20 == 1 and not torch.isfinite(self.loss_sum):  # a host sync, so only every 20 steps
             raise Diverged(f"at step {self.steps} of the epoch")
 
     def result(self):
         """(mean loss, accuracy) over the batches added."""
-        train_loss = self.loss_sum.item() / self.seen
-        if not math.isfinite(train_loss):
+        loss, accuracy = self.loss_sum.item() / self.seen, self.correct.item() / self.seen
+        if not math.isfinite(loss):
             raise Diverged("by the end of the epoch")
-        return train_loss, self.correct.item() / self.seen
+        return loss, accuracy
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
+
+TRAIN_SAMPLE = 10_000  # training images the final train accuracy is measured on: all 55,000 cost a third of an epoch
 
 
 def tta_views(x, flip=False, max_shift=0, background=None):
@@ -375,10 +347,10 @@ def scores(logits, labels):
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def confusion_matrix(predicted, labels):
+def confusion_matrix(logits, labels):
     """10x10 counts on the CPU: rows are the true classes, columns the predicted ones."""
     confusion = torch.zeros(10, 10, dtype=torch.long, device=labels.device)
-    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    confusion.index_put_((labels, logits.argmax(1)), torch.ones_like(labels), accumulate=True)
     return confusion.cpu()
 
 
@@ -386,106 +358,74 @@ def confusion_matrix(predicted, labels):
 # The run: a folder per run with metrics.json (rewritten atomically after every epoch), plots and weights.
 
 
-TRAIN_SAMPLE = 10_000  # training images the final train accuracy is measured on: all 55,000 cost a third of an epoch
-RECORD_LIMIT = 2**24  # bytes: a record of ten thousand epochs takes about 2 MB
-
-
-def read_record(path):
-    """A run's metrics.json as a dict, or a UserError saying what is wrong with it. It is read as every file a
-    user hands us is (a regular file, of bounded size), and must be JSON of a sane depth."""
-    data = read_file(path, "run record", RECORD_LIMIT)
-    try:
-        record = json.loads(data)
-    except RecursionError:  # json nests as deep as the file says: no record of a run is nested that deep
-        raise UserError(f"{path} is damaged (nested too deeply to be a run's record)") from None
-    except ValueError as error:  # not JSON, or not UTF-8
-        raise UserError(f"{path} is unreadable ({type(error).__name__})") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{path} is not a run's record")
-    return record
-
-
 class Run:
-    """One training run: its folder, its settings and the device and precision main() picked, and its record."""
+    """One training run's folder and record: what main() hands it, recorded as handed. A run that trained an epoch
+    keeps its record, curves and the weights of its last finished epoch whatever ends it; one that fails before
+    its first epoch leaves no folder behind."""
 
-    def __init__(self, script, hp, device, precision):
-        self.started = time.perf_counter()
-        self.script = script
-        self.hp = hp
-        self.kept_model = None
-        self.unsaved = None  # why the latest weights could not be saved, if they could not
-        self.reported = False  # True once the finished run's record, plots and summary are all written
-        self.record = {
-            "script": script,
-            "status": "running",
-            "device": str(device),
-            "device_name": device_name(device),
-            "precision": precision,
-            "tf32": precision == "fp32" and torch.get_float32_matmul_precision() != "highest",
-            "torch_version": torch.__version__,
-            "started": datetime.datetime.now().isoformat(timespec="seconds"),
-            "hparams": {name.upper(): value for name, value in vars(hp).items()},
-            "history": [],
-            "final": None,
-        }
-        print(f"{script}: device={device} ({self.record['device_name']}) precision={precision}")
+    def __init__(self, script, hp, device, precision, out_dir):
+        self.script, self.started, self.unsaved, self.reported = script, time.perf_counter(), None, False
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        self.record = {"script": script, "status": "running", "device": str(device), "device_name": device_name(device)}
+        self.record.update(precision=precision, torch_version=torch.__version__, started=started)  # precision: what ran
+        self.record.update(hparams={k.upper(): v for k, v in vars(hp).items()}, history=[], final=None)  # as asked
+        units = f", {'with' if has_fast('bf16', device) else 'no'} bf16 units" if device.type == "cpu" else ""
+        print(f"{script}: device={device} ({self.record['device_name']}{units}) precision={precision}")
         print("  " + "  ".join(f"{k.lower()}={v}" for k, v in self.record["hparams"].items()), flush=True)
-        self.dir = self._make_dir(Path(hp.out_dir or HERE / "runs"))  # after the flush: an output that fails first
-        print(f"  run folder: {self.dir}")  # (stdout on a full disk) leaves no empty folder behind
-
-    def _make_dir(self, out_dir):
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for n in range(1000):
-                path = out_dir / (f"{self.script}-{stamp}" + (f"-{n}" if n else ""))
-                with contextlib.suppress(FileExistsError):
-                    path.mkdir()  # atomic: two runs started in the same second never share a folder
-                    return path
-        except OSError as error:
-            raise UserError(
-                f"cannot create a run folder in {out_dir}: {error.strerror}; choose a writable --out-dir"
-            ) from None
-        raise UserError(f"{out_dir} already holds 1000 runs named {self.script}-{stamp}; choose another --out-dir")
+        self.dir = new_run_folder(out_dir, script)  # after the flush: an output that fails first (stdout on a
+        print(f"  run folder: {self.dir}")  # full disk) leaves no empty folder behind
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        """A run that trained at least one epoch keeps its record, plots and the weights of its last finished epoch
-        (written when the epoch ended) whatever ends it: Ctrl-C, a signal, a closed output, a divergence, an error.
-        One that fails with an error before its first epoch leaves no folder behind."""
-        if exc_type is None or self.reported:  # e.g. Ctrl-C while --show's windows are open: the run is complete
+        """How the run ended, recorded: interrupted (Ctrl-C, a signal, a closed output), diverged or failed."""
+        if exc_type is None or self.reported:  # e.g. Ctrl-C while a figure is drawn: the run is complete
             return False
-        stopped = issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError))  # Ctrl-C, a signal, `| head`
+        stopped = issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError))
         status = "interrupted" if stopped else "diverged" if exc_type is Diverged else "failed"
         with signals_ignored():
             if status == "failed" and not self.record["history"]:
                 with contextlib.suppress(OSError):
-                    self.dir.rmdir()  # only ever empty here: nothing is written before the first epoch
+                    self.dir.rmdir()  # empty: nothing is written before the first epoch
                 return False
             if status == "failed":
                 self.record["error"] = (str(exc).splitlines() or [exc_type.__name__])[0]
-            self.finish(status)
+            self.record["status"] = status
+            self.save()
+            done = len(self.record["history"])
+            print(
+                f"{self.script}: {status} after {done} epoch(s); record in {self.dir / 'metrics.json'}", file=sys.stderr
+            )
+            if done:
+                self.draw(plot_curves, "curves.png", self.record["history"], self.legend)
         return False
 
-    def start_training(self, data, model, kept_model=None):
+    def start_training(self, data, model, evaluated, epochs, views, trained):
         """Record the split sizes and the trainable parameters, print the epoch table's header and start the clock.
 
-        `kept_model` (default: model) is the one whose weights are saved after each epoch and evaluated."""
-        self.record["split_sizes"] = {name: len(split[0]) for name, split in data._asdict().items()}
-        self.record["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.kept_model = kept_model if kept_model is not None else model
-        columns = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
-        print(" ".join(f"{name:>{width}}" for name, width in zip(columns, (5, 10, 9, 8, 7, 9, 7), strict=True)))
+        `evaluated` is the model whose weights are saved after each epoch (the weight average, where there is one);
+        `views` the test-time views the final evaluation averages, for the estimate; `trained` how the training
+        batches differ from an evaluation ({words: whether they apply}), for the curves' legend."""
+        sizes = {name: len(split[0]) for name, split in data._asdict().items()}
+        self.record.update(
+            split_sizes=sizes, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad)
+        )
+        self.kept_model, self.epochs = getattr(evaluated, "module", evaluated), epochs
+        # The final evaluation, in epochs: a training image costs about 3 forward passes, each view evaluated 1.
+        self.final_cost = (min(sizes["train"], TRAIN_SAMPLE) + sizes["val"] + sizes["test"]) * views
+        self.final_cost /= 3 * sizes["train"] + sizes["val"]
+        batches = ", ".join(words for words, applies in trained.items() if applies)
+        average = ", weight average" if evaluated is not model else ""
+        self.legend = ("training batches" + (f" ({batches})" if batches else ""), f"validation (evaluated{average})")
+        print("epoch train_loss train_acc val_loss val_acc        lr seconds")
         self.epoch_started = time.perf_counter()
 
     def log_epoch(self, epoch, train_loss, train_acc, val_loss, val_acc, lr):
         """Save the epoch's weights, then add its row to the record (saved at once), and print it."""
-        seconds = time.perf_counter() - self.epoch_started
-        unsaved = self.unsaved
+        seconds, unsaved = time.perf_counter() - self.epoch_started, self.unsaved
         try:
-            save_tensors(self.dir / "model.pt", getattr(self.kept_model, "module", self.kept_model).state_dict())
+            save_tensors(self.dir / "model.pt", self.kept_model.state_dict())
             self.record["model_pt"], self.unsaved = f"weights after epoch {epoch}", None
         except UserError as error:  # a full disk: training goes on, so that at least its accuracies are recorded
             self.unsaved = error
@@ -496,98 +436,40 @@ class Run:
             print(f"{self.script}: warning: {self.unsaved}; training goes on without saving weights", file=sys.stderr)
         val = f"{val_loss:>8.4f} {val_acc:>7.2%}" if val_loss is not None else f"{'-':>8} {'-':>7}"
         print(f"{epoch:>5} {train_loss:>10.4f} {train_acc:>9.2%} {val} {lr:>9.2e} {seconds:>7.1f}", flush=True)
-        epochs = getattr(self.hp, "epochs", 1)
-        if epoch == 2 and epochs > 2:  # the first epoch pays one-off costs, so the second sets the pace
-            minutes = (time.perf_counter() - self.started + seconds * (epochs - 2 + self.final_evaluation())) / 60
+        if epoch == 2 and self.epochs > 2:  # the first epoch pays one-off costs, so the second sets the pace
+            minutes = (time.perf_counter() - self.started + seconds * (self.epochs - 2 + self.final_cost)) / 60
             print(f"      (about {minutes:.1f} min in all at this pace, the final evaluation included)")
         self.epoch_started = time.perf_counter()
 
-    def final_evaluation(self):
-        """What the final evaluation costs, in epochs: its forward passes against an epoch's (a training image
-        costs about three, forward and backward; a validation image one), each test-time view counted."""
-        sizes = self.record["split_sizes"]
-        views = (1 + getattr(self.hp, "tta_flip", False)) * (1 + 4 * getattr(self.hp, "tta_shift", 0))
-        final = min(sizes["train"], TRAIN_SAMPLE) * (1 + getattr(self.hp, "tta_flip", False))
-        final += (sizes["val"] + sizes["test"]) * views
-        return final / (3 * sizes["train"] + sizes["val"])
-
-    def report(self, train_acc, val_acc, test_logits, test_labels, test_images):
-        """The end of the run: records and prints the final accuracies and the test evaluation the script made
-        (per-class accuracy, the confusion matrix), then draws the plots. The weights are those of the last epoch,
-        saved when it ended."""
-        confusion = confusion_matrix(test_logits.argmax(1), test_labels)
-        test_loss, test_acc = scores(test_logits, test_labels)
-        self.record["final"] = {
-            "train_acc": train_acc,
-            "val_acc": val_acc,
-            "test_acc": test_acc,
-            "test_loss": test_loss,
-            "seconds": time.perf_counter() - self.started,
-        }
-        per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
-        self.record["per_class_test_acc"] = dict(zip(CLASSES, per_class.tolist(), strict=True))
-        self.record["test_confusion"] = confusion.tolist()
+    def finish(self, final, confusion, figures=()):
+        """The end of the run: records and prints the final accuracies and the test confusion matrix, then draws
+        the curves, the confusion matrix and `figures` ((plot, file name, *arguments), ...). The weights are those
+        of the last epoch, saved when it ended."""
+        self.record["final"] = final = {**final, "seconds": time.perf_counter() - self.started}
+        per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+        self.record.update(
+            per_class_test_acc=dict(zip(CLASSES, per_class, strict=True)), test_confusion=confusion.tolist()
+        )
         if self.unsaved is None:
             self.record["model_pt"] = f"final weights, as evaluated (after epoch {len(self.record['history'])})"
-        self.finish(
-            "completed",
-            confusion=(plot_confusion, confusion, f"{self.script}: test confusion, rows = true class"),
-            misclassified=(plot_misclassified, test_images.cpu(), test_labels.cpu(), test_logits.cpu()),
+        self.record["status"], self.reported = "completed", True
+        self.save()
+        accuracies = " ".join(
+            f"{k}={'n/a' if final[k] is None else f'{final[k]:.2%}'}" for k in ("train_acc", "val_acc", "test_acc")
         )
+        print(f"{self.script}: {accuracies} seconds={final['seconds']:.1f}", flush=True)
+        self.draw(plot_curves, "curves.png", self.record["history"], self.legend)
+        self.draw(plot_confusion, "confusion.png", confusion, f"{self.script}: test confusion, rows = true class")
+        for plot, name, *arguments in figures:
+            self.draw(plot, name, *arguments)
         if self.unsaved is not None:
             raise UserError(f"{self.unsaved}; the accuracies are recorded in {self.dir / 'metrics.json'}")
-        return self.record["final"]
 
-    def finish(self, status, **figures):
-        """Record the status, write metrics.json and print the summary line; then draw curves.png and the other
-        `figures` ({name: (plot, *arguments)}). A stop while they are drawn leaves the record as it is."""
-        self.record["status"] = status
-        self.save()
-        final = self.record["final"]
-        if final:
-            val = "n/a" if final["val_acc"] is None else f"{final['val_acc']:.2%}"
-            print(
-                f"{self.script}: train_acc={final['train_acc']:.2%} val_acc={val} "
-                f"test_acc={final['test_acc']:.2%} seconds={final['seconds']:.1f}",
-                flush=True,
-            )
-        else:
-            done = len(self.record["history"])
-            print(
-                f"{self.script}: {status} after {done} epoch(s); record in {self.dir / 'metrics.json'}", file=sys.stderr
-            )
-        self.reported = True
-        if self.record["history"]:
-            figures = {"curves": (plot_curves, self.record["history"], self.curve_labels()), **figures}
-        for name, (plot, *arguments) in figures.items():
-            try:
-                self.draw(plot, f"{name}.png", *arguments)
-            except KeyboardInterrupt:  # the record is written: a stop now only leaves the other figures undrawn
-                print(f"{self.script}: {name}.png and later figures not drawn (interrupted)", file=sys.stderr)
-                if status == "completed":
-                    raise
-                break
-        if status == "completed" and getattr(self.hp, "show", False):
-            show_plots(sorted(self.dir.glob("*.png")))
-
-    def curve_labels(self):
-        """The legend of curves.png, from what this run did: (training batches, validation, title)."""
-        hp = self.hp
-        augmented = (getattr(hp, "flip", False) or getattr(hp, "max_shift", 0)) and getattr(hp, "finetune", True)
-        what = [
-            "augmented" if augmented else "",
-            "dropout on" if getattr(hp, "dropout", 0) else "",
-            "label smoothing in the loss" if getattr(hp, "label_smoothing", 0) else "",
-        ]
-        batches = "training batches" + (f" ({', '.join(w for w in what if w)})" if any(what) else "")
-        validation = "validation (evaluated" + (", weight average)" if getattr(hp, "ema_decay", 0) else ")")
-        return batches, validation, f"{self.script}  ({self.dir.name})"
-
-    def draw(self, plot, name, *args, **kwargs):
-        """plot(*args, path, **kwargs) into the run folder. A figure that cannot be drawn (a full disk, a broken
-        matplotlib) is named on stderr, and the run stands: its record and weights are written first."""
+    def draw(self, plot, name, *args):
+        """plot(*args, path) into the run folder. A figure that cannot be drawn (a full disk, a broken matplotlib)
+        is named on stderr, and the run stands: its record and weights are written first."""
         try:
-            plot(*args, self.dir / name, **kwargs)
+            plot(*args, self.dir / name)
         except Exception as error:
             reason = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
             print(f"{self.script}: {name} not drawn ({reason})", file=sys.stderr)
@@ -602,10 +484,10 @@ class Run:
 
 def plot_curves(history, labels, path):
     """Loss and accuracy per epoch: the training batches as they were trained, beside the validation evaluation.
-    `labels` are (training batches, validation, title), from the run's own settings (Run.curve_labels)."""
+    `labels` are (training batches, validation), from what the run did."""
     from matplotlib.figure import Figure
 
-    train_label, val_label, title = (textwrap.fill(label, 40) for label in labels)
+    train_label, val_label = (textwrap.fill(label, 40) for label in labels)
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(10, 4), dpi=100)
     for i, (key, label, scale) in enumerate((("loss", "cross-entropy loss", 1), ("acc", "accuracy (%)", 100))):
@@ -613,11 +495,10 @@ def plot_curves(history, labels, path):
         ax.plot(epochs, [scale * h[f"train_batch_{key}"] for h in history], "o-", markersize=3, label=train_label)
         if history[0][f"val_{key}"] is not None:
             ax.plot(epochs, [scale * h[f"val_{key}"] for h in history], "o-", markersize=3, label=val_label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
+        ax.set(xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper right" if key == "loss" else "lower right")
-    fig.suptitle(title)
+    fig.suptitle(f"{path.parent.name}")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -630,15 +511,12 @@ def plot_confusion(confusion, title, path):
     fig = Figure(figsize=(9, 8), dpi=100)
     ax = fig.add_subplot()
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), rate in ((ij, rates[ij]) for ij in itertools.product(range(10), range(10))):
+    for (i, j), rate in np.ndenumerate(rates):
         if rate >= 0.005:
-            color = "white" if rate > 0.5 else "black"
-            ax.text(j, i, f"{rate:.2f}", ha="center", va="center", fontsize=8, color=color)
+            ax.text(j, i, f"{rate:.2f}", ha="center", va="center", fontsize=8, color="white" if rate > 0.5 else "black")
     ax.set_xticks(range(10), CLASSES, rotation=45, ha="right")
     ax.set_yticks(range(10), [f"{name} ({rates[i, i]:.1%})" for i, name in enumerate(CLASSES)])
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class (per-class accuracy)")
-    ax.set_title(title)
+    ax.set(xlabel="predicted class", ylabel="true class (per-class accuracy)", title=title)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -670,14 +548,14 @@ def save_figure(fig, path):
     atomic_write(path, buffer.getvalue())
 
 
-def show_plots(paths):
-    """Open each figure in a window and wait until they are closed; without a display, say where they are."""
+def show_plots(folder):
+    """Open the run's figures in windows and wait until they are closed; without a display, say where they are."""
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        print(f"--show: no display here; the plots are in {paths[0].parent}", file=sys.stderr)
+        print(f"--show: no display here; the plots are in {folder}", file=sys.stderr)
         return
     import matplotlib.pyplot as plt
 
-    for path in paths:
+    for path in sorted(folder.glob("*.png")):
         plt.figure(path.name, figsize=(10, 7))
         plt.imshow(plt.imread(path))
         plt.axis("off")

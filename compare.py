@@ -31,10 +31,11 @@ import math
 import statistics
 import sys
 import textwrap
-from pathlib import Path
 from typing import NamedTuple
 
 import common
+import plumbing
+from plumbing import reading
 
 # --- Settings: each one is also a flag (LAST -> --last).
 OUT_DIR = ""  # folder holding the run folders ("" = runs/ beside this script)
@@ -61,15 +62,15 @@ def load_runs(out_dir):
     try:
         folders = sorted(p for p in out_dir.iterdir() if p.is_dir())
     except OSError as error:
-        raise common.UserError(f"--out-dir {out_dir}: cannot list it ({error.strerror})") from None
+        raise plumbing.UserError(f"--out-dir {out_dir}: cannot list it ({error.strerror})") from None
     for folder in folders:
         path = folder / "metrics.json"
         if not path.is_file():  # a folder without a record, or with a pipe or a device in its place
             print(f"warning: skipping {folder.name}: no metrics.json file", file=sys.stderr)
             continue
         try:
-            record = common.read_record(path)
-        except common.UserError as error:
+            record = reading.read_record(path)
+        except plumbing.UserError as error:
             print(f"warning: skipping {folder.name}: {error}", file=sys.stderr)
             continue
         record.setdefault("history", [])
@@ -441,7 +442,7 @@ def pick_reference(groups, letter):
     letters = [label(i) for i in range(len(groups))]
     if letter:
         if letter.upper() not in letters:
-            raise common.UserError(f"--reference {letter} is not a group here: use one of {', '.join(letters)}")
+            raise plumbing.UserError(f"--reference {letter} is not a group here: use one of {', '.join(letters)}")
         return letters.index(letter.upper()), "as --reference asked"
     seeded = [index for index, group in enumerate(groups) if len(group.seeds) >= 2]
     if not seeded:
@@ -453,11 +454,11 @@ def pick_reference(groups, letter):
 
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv, checks=CHECKS)
-    out_dir = Path(hp.out_dir or common.HERE / "runs")
+    out_dir = plumbing.runs_folder(hp.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise common.UserError(f"--out-dir {out_dir} is a file, not a folder; point it at the folder of run folders")
+        raise plumbing.UserError(f"--out-dir {out_dir} is a file, not a folder; point it at the folder of run folders")
     if not out_dir.is_dir():
-        raise common.UserError(f"--out-dir {out_dir} does not exist; run a training script first or pass --out-dir")
+        raise plumbing.UserError(f"--out-dir {out_dir} does not exist; run a training script first or pass --out-dir")
     runs = [run for run in load_runs(out_dir) if not hp.script or run[1].get("script") == hp.script]
     runs = runs[-hp.last :] if hp.last else runs
     groups = group_runs(runs)

@@ -17,6 +17,8 @@ import torchvision
 from tqdm import tqdm
 
 import common
+import plumbing
+from plumbing import reading
 
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python resnet_transfer.py --help` lists them.
 BACKBONE = "resnet50"  # resnet18 or resnet34 (512 features) or resnet50 (2048 features)
@@ -106,7 +108,7 @@ def load_backbone(name, weights, seed):
     named = weights != "none" and not Path(weights).is_file()
     if named and weights not in sets.__members__:
         choices = ", ".join(["DEFAULT", *sets.__members__])
-        raise common.UserError(f"--weights {weights}: {name} has no such ImageNet weights; use {choices} or none")
+        raise plumbing.UserError(f"--weights {weights}: {name} has no such ImageNet weights; use {choices} or none")
     imagenet = sets[weights] if named else sets.DEFAULT
     mean, std = imagenet.transforms().mean, imagenet.transforms().std
     model = torchvision.models.get_model(name, weights=None)
@@ -119,8 +121,8 @@ def load_backbone(name, weights, seed):
             download(imagenet.url, path)
     else:
         path, what, identity = Path(weights), "--weights", None
-    state = common.load_tensors(path, what, common.state_bytes(model))
-    common.check_state_dict(state, model, f"{what} {path}", name)
+    state = reading.load_tensors(path, what, reading.state_bytes(model))
+    reading.check_state_dict(state, model, f"{what} {path}", name)
     model.load_state_dict(state)
     return freeze(model), identity or hashlib.sha256(path.read_bytes()).hexdigest()[:16], mean, std
 
@@ -133,7 +135,7 @@ def download(url, path):
         hash_prefix = re.search(torch.hub.HASH_REGEX, path.name)
         torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix and hash_prefix.group(1))
     except Exception as error:  # URLError, HTTPError, OSError, RuntimeError: the advice is the same
-        raise common.UserError(
+        raise plumbing.UserError(
             f"cannot download {path.name} ({type(error).__name__}): put it (from {url}) into {path.parent}, "
             "or pass --weights PATH to a state-dict file, or --weights none for random weights"
         ) from None
@@ -163,19 +165,19 @@ def cached_features(cache_dir, settings, extract, x_train, x_test, width):
     shapes = {"train": (len(x_train), width), "test": (len(x_test), width)}
     if path.exists():
         try:
-            cached = common.load_tensors(path, "feature cache", 4 * width * (len(x_train) + len(x_test)))
+            cached = reading.load_tensors(path, "feature cache", 4 * width * (len(x_train) + len(x_test)))
             expected = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}  # float32, no memory
             if all(usable(cached.get(k), like) for k, like in expected.items()):
                 return cached["train"], cached["test"], path
             print(f"cache {path} is damaged (its tensors have the wrong shape, type or values); extracting again")
-        except common.UserError as error:
+        except plumbing.UserError as error:
             print(f"{error}; extracting the features again")
     print(f"extracting features of {len(x_train) + len(x_test)} images (once) ...", flush=True)
     both = extract(torch.cat([x_train, x_test]))
     cached = {"train": both[: len(x_train)], "test": both[len(x_train) :]}
     try:
-        common.save_tensors(path, cached)
-    except common.UserError as error:  # a full disk must not throw the extraction away
+        plumbing.save_tensors(path, cached)
+    except plumbing.UserError as error:  # a full disk must not throw the extraction away
         print(f"warning: the features are not cached ({error}); this run uses them, the next extracts again")
     return cached["train"], cached["test"], path
 
@@ -205,16 +207,16 @@ def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp, scaler):
 
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv)
-    cache_dir = Path(hp.cache_dir or common.HERE / "data" / "cache")
+    cache_dir = Path(hp.cache_dir or plumbing.HERE / "data" / "cache")
     if not hp.finetune:  # the features are cached there: better to learn now than after extracting them
-        common.writable_folder(cache_dir, "--cache-dir")
+        plumbing.writable_folder(cache_dir, "--cache-dir")
     device = common.pick_device(hp.device)  # auto: CUDA, then Apple's MPS, then the CPU
     precision = common.pick_precision(hp.precision, device)  # auto: 16 bits where the device has the units for it
     amp = common.autocast(device, precision)  # the context the forward passes run in
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
     if hp.image_size == "auto":  # extraction time grows with the square of the size: what the device affords
         hp.image_size = 128 if device.type == "cuda" else 96 if precision == "bf16" else 64
-    with common.Run("resnet_transfer", hp, device, precision) as run:
+    with common.Run("resnet_transfer", hp, device, precision, hp.out_dir) as run:
         torch.manual_seed(hp.seed)
         backbone, weights_id, mean, std = load_backbone(hp.backbone, hp.weights, hp.seed)
         if hp.weights == "none":
@@ -262,7 +264,9 @@ def main(argv=None):
 
         # Evaluation runs BATCH_SIZE inputs at a time, as training does: with FINETUNE the backbone runs on every
         # image evaluated, and a batch that fits a training step fits here too (at 512 px an image takes 30-55 MB).
-        run.start_training(data, model)
+        trained = {"augmented": hp.finetune and (hp.flip or hp.max_shift), "dropout on": hp.dropout}
+        trained["label smoothing in the loss"] = hp.label_smoothing
+        run.start_training(data, model, model, hp.epochs, 1, trained)
         for epoch in range(1, hp.epochs + 1):
             batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment if hp.finetune else None)
             train_loss, train_acc = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp, scaler)
@@ -273,7 +277,13 @@ def main(argv=None):
         train_acc = common.evaluate(model, *sample, amp, chunk=hp.batch_size)[1]  # val_acc: the last epoch's
         # The test set, evaluated once, after training: every choice was made on validation.
         test_logits = common.predict(model, data.test[0], amp, chunk=hp.batch_size)
-        return run.report(train_acc, val_acc, test_logits, data.test[1], x_test)
+        test_loss, test_acc = common.scores(test_logits, data.test[1])
+        final = dict(train_acc=train_acc, val_acc=val_acc, test_acc=test_acc, test_loss=test_loss)
+        mistakes = (common.plot_misclassified, "misclassified.png", x_test, y_test, test_logits.cpu())
+        run.finish(final, common.confusion_matrix(test_logits, data.test[1]), [mistakes])
+    if hp.show:
+        common.show_plots(run.dir)
+    return run.record["final"]
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import ann  # noqa: E402
 import cnn  # noqa: E402
 import common  # noqa: E402
+import plumbing  # noqa: E402
 
 SCRIPTS = {"ann": ann, "cnn": cnn}
 # Each technique of the recipes switched off (or a tempting alternative switched on): the flags that do it.
@@ -91,7 +92,7 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
     args, passed_on = parser.parse_known_args(argv)
-    common.writable_folder(args.results, "--results")  # checked now, not after hours of training
+    plumbing.writable_folder(args.results, "--results")  # checked now, not after hours of training
     extra = (QUICK if args.quick else []) + passed_on
     results = {"machine": machine(), "quick": args.quick, "seeds": args.seeds, "flags": " ".join(passed_on)}
     results.update(scripts={}, ablation={}, epochs_grid={})

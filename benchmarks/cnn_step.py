@@ -21,6 +21,7 @@ import torch.nn as nn  # noqa: E402
 
 import cnn  # noqa: E402
 import common  # noqa: E402
+import plumbing  # noqa: E402
 
 
 class AmaxPool(nn.Module):
@@ -83,7 +84,7 @@ def main(argv=None):
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
-        raise common.UserError("--steps and --repeats take a count of at least 1")
+        raise plumbing.UserError("--steps and --repeats take a count of at least 1")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     rates = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):

@@ -28,7 +28,9 @@ from PIL import Image  # noqa: E402
 
 import common  # noqa: E402
 import compare  # noqa: E402
+import plumbing  # noqa: E402
 import predict  # noqa: E402
+from plumbing.photos import prepare_photo  # noqa: E402
 
 FOOTWEAR = [5, 7, 9]  # sandal, sneaker, ankle boot
 COLUMNS = {  # what each column measures: (images, labels) from the test images x, their photos and labels y
@@ -46,14 +48,14 @@ def as_photos(images):
     photos = []
     for image in images:
         photo = Image.fromarray(255 - image[0].numpy()).resize((224, 224), Image.Resampling.BICUBIC)
-        photos.append(torch.from_numpy(predict.prepare_photo(photo)))
+        photos.append(torch.from_numpy(prepare_photo(photo)))
     return torch.stack(photos).unsqueeze(1)
 
 
 def accuracies(folder, x, photos, y, device):
     """{column: accuracy in %} of one run's model."""
-    record, hp = predict.load_run(folder)
-    model = predict.build_model(folder, record, hp, device)
+    run = predict.load_run(folder)
+    model = predict.build_model(run, device)
     foot = torch.isin(y, torch.tensor(FOOTWEAR))
     scores = {}
     for column, take in COLUMNS.items():
@@ -80,14 +82,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = common.pick_device(args.device)
     if not 1 <= args.images <= 10_000:
-        raise common.UserError(f"--images {args.images}: use a number from 1 to 10000")
+        raise plumbing.UserError(f"--images {args.images}: use a number from 1 to 10000")
     if not args.runs.is_dir():
-        raise common.UserError(f"--runs {args.runs}: not a folder; point it at the folder of run folders")
-    common.writable_folder(args.results, "--results")  # checked now, not after the measurements
+        raise plumbing.UserError(f"--runs {args.runs}: not a folder; point it at the folder of run folders")
+    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
     runs = compare.load_runs(args.runs)
     groups = compare.group_runs(runs)
     if not groups:
-        raise common.UserError(f"--runs {args.runs}: no completed runs there")
+        raise plumbing.UserError(f"--runs {args.runs}: no completed runs there")
     folders = {id(record): folder for folder, record in runs}
     _, _, x, y = common.load_fashion_mnist()
     x, y = x[: args.images], y[: args.images]

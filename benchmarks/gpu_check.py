@@ -33,6 +33,7 @@ import torch.nn as nn  # noqa: E402
 import ann  # noqa: E402
 import cnn  # noqa: E402
 import common  # noqa: E402
+import plumbing  # noqa: E402
 import resnet_transfer  # noqa: E402
 
 SHORT = ["--subset", "10000", "--val-size", "1000", "--epochs", "3"]
@@ -48,10 +49,10 @@ def main(argv=None):
     parser.add_argument("--runs", type=Path, help="the run folders go here (default: gpu_check_runs in --results)")
     args = parser.parse_args(argv)
     device = common.pick_device(args.device)
-    results_dir = common.writable_folder(args.results, "--results")
-    runs_dir = common.writable_folder(args.runs or results_dir / "gpu_check_runs", "--runs")
+    results_dir = plumbing.writable_folder(args.results, "--results")
+    runs_dir = plumbing.writable_folder(args.runs or results_dir / "gpu_check_runs", "--runs")
     if device.type != "cuda" and not args.smoke:
-        raise common.UserError("no CUDA GPU here; use --smoke for the pipeline check on this device")
+        raise plumbing.UserError("no CUDA GPU here; use --smoke for the pipeline check on this device")
     short, full = (SMOKE, SMOKE) if args.smoke else (SHORT, [])
     flags = ["--device", args.device, "--out-dir", str(runs_dir)]
     rows = []

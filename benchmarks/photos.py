@@ -32,7 +32,9 @@ from accuracy import machine, measured_on  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
 import common  # noqa: E402
+import plumbing  # noqa: E402
 import predict  # noqa: E402
+from plumbing.photos import photo_problem, prepare_photo  # noqa: E402
 
 SEED = 27  # the photos are the same on every run of the benchmark
 # Each condition's settings for photo(); a pair (low, high) is drawn uniformly per image, a list chosen from.
@@ -144,7 +146,7 @@ def varied_photo(image, chance):
 
 def prepared(photos):
     """The photos as predict.py prepares them for the model: uint8 (N, 1, 28, 28)."""
-    return torch.stack([torch.from_numpy(predict.prepare_photo(p)) for p in photos]).unsqueeze(1)
+    return torch.stack([torch.from_numpy(prepare_photo(p)) for p in photos]).unsqueeze(1)
 
 
 def measure(model, x, y):
@@ -161,7 +163,7 @@ def measure(model, x, y):
         results[name] = {
             "agreement": 100 * (predicted == original).float().mean().item(),
             "accuracy": 100 * (predicted == y).float().mean().item(),
-            "warned": 100 * sum(predict.photo_problem(p) is not None for p in photos) / len(photos),
+            "warned": 100 * sum(photo_problem(p) is not None for p in photos) / len(photos),
         }
         print(f"{name}: " + ", ".join(f"{v:.1f}% {k}" for k, v in results[name].items()), flush=True)
     return results, 100 * (original == y).float().mean().item()
@@ -184,11 +186,11 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     args = parser.parse_args(argv)
     if not 1 <= args.images <= 10_000:
-        raise common.UserError(f"--images {args.images}: use a number from 1 to 10000")
-    common.writable_folder(args.results, "--results")  # checked now, not after the measurements
-    record, hp = predict.load_run(args.run)
+        raise plumbing.UserError(f"--images {args.images}: use a number from 1 to 10000")
+    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
+    run = predict.load_run(args.run)
     device = common.pick_device(args.device)
-    model = predict.build_model(args.run, record, hp, device)
+    model = predict.build_model(run, device)
     _, _, x, y = common.load_fashion_mnist()
     x, y = x[: args.images], y[: args.images]
     conditions, original = measure(lambda images: model(images.to(device)).cpu(), x, y)

@@ -39,6 +39,7 @@ from accuracy import machine, measured_on  # noqa: E402
 import ann  # noqa: E402
 import cnn  # noqa: E402
 import common  # noqa: E402
+import plumbing  # noqa: E402
 import resnet_transfer  # noqa: E402
 
 SCRIPTS = {"ann": ann, "cnn": cnn}
@@ -55,8 +56,8 @@ def torchvision_root(tmp):
     folder = common.find_fashion_mnist()
     raw = Path(tmp) / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in common.FILES:
-        source = common.find_file(folder, name)
+    for name in plumbing.FILES:
+        source = plumbing.find_file(folder, name)
         with (gzip.open if source.suffix == ".gz" else open)(source, "rb") as src, open(raw / name, "wb") as dst:
             shutil.copyfileobj(src, dst)
     return tmp
@@ -316,8 +317,8 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
-        raise common.UserError("--repeats takes a count of at least 1")
-    common.writable_folder(args.results, "--results")  # checked now, not after the measurements
+        raise plumbing.UserError("--repeats takes a count of at least 1")
+    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
     device = common.pick_device(args.device)
     results = {"machine": machine(), "quick": args.quick, "throughput": {}, "time_to_accuracy": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from accuracy import machine, measured_on, save  # noqa: E402
 
 import common  # noqa: E402
+import plumbing  # noqa: E402
 import resnet_transfer  # noqa: E402
 
 QUICK = ["--subset", "300", "--val-size", "60", "--epochs", "1", "--batch-size", "60"]
@@ -50,7 +51,7 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     parser.add_argument("--cache-dir", type=Path, help="feature caches (default: a temporary folder)")
     args, passed_on = parser.parse_known_args(argv)
-    common.writable_folder(args.results, "--results")  # checked now, not after the measurements
+    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
     if args.quick:
         args.sizes, args.timing_images = [32], 16
     device = common.pick_device(args.device)

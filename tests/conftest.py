@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import ann  # noqa: E402
 import common  # noqa: E402
+import plumbing  # noqa: E402
 
 # A run of a few seconds: 1,000 training images, 200 for validation, 10 batches, one epoch.
 SMALL = ["--subset", "1200", "--val-size", "200", "--batch-size", "100", "--epochs", "1"]
@@ -62,8 +63,8 @@ def extracted_dir(real_data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tv")
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in common.FILES:
-        source = common.find_file(real_data_dir, name)
+    for name in plumbing.FILES:
+        source = plumbing.find_file(real_data_dir, name)
         opener = gzip.open if source.suffix == ".gz" else open
         with opener(source, "rb") as src, open(raw / name, "wb") as dst:
             shutil.copyfileobj(src, dst)

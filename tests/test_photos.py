@@ -11,9 +11,10 @@ import ann
 import common
 import predict
 from conftest import ROOT, run_cli
+from plumbing import photos
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import photos  # noqa: E402
+import photos as photos_benchmark  # noqa: E402
 
 TRAIN = ["--subset", "7000", "--val-size", "1000", "--epochs", "2"]  # a few seconds: an ANN right on 3 in 4 items
 
@@ -49,10 +50,9 @@ def as_photo(image, rng, noise=6.0, gradient=50.0, light_item=False):
 
 def test_noisy_unevenly_lit_photos_get_the_class_the_original_images_get(run, test_images):
     """Before issue #27 the trim stopped at noise pixels, so the item shrank to half the frame: 30% agreed."""
-    record, hp = predict.load_run(run)
-    model = predict.build_model(run, record, hp, torch.device("cpu"))
+    model = predict.build_model(predict.load_run(run), torch.device("cpu"))
     rng = np.random.default_rng(6)
-    prepared = [predict.prepare_photo(as_photo(image[0].numpy(), rng)) for image in test_images]
+    prepared = [photos.prepare_photo(as_photo(image[0].numpy(), rng)) for image in test_images]
     from_photos = model(torch.from_numpy(np.stack(prepared)).unsqueeze(1)).argmax(1)
     agreement = (from_photos == model(test_images).argmax(1)).float().mean().item()
     print(f"noisy photo agreement: {agreement:.0%}")
@@ -63,7 +63,7 @@ def test_noisy_unevenly_lit_photos_get_the_class_the_original_images_get(run, te
 def test_a_noisy_photo_is_prepared_light_on_black_filling_the_frame(test_images, light_item):
     rng = np.random.default_rng(1)
     for image in test_images[:20]:
-        prepared = predict.prepare_photo(as_photo(image[0].numpy(), rng, noise=8, light_item=light_item))
+        prepared = photos.prepare_photo(as_photo(image[0].numpy(), rng, noise=8, light_item=light_item))
         rows, cols = np.flatnonzero(prepared.max(1) > 40), np.flatnonzero(prepared.max(0) > 40)
         assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= 20  # the long side; the originals' span 27-28
         assert prepared[[0, 0, -1, -1], [0, -1, 0, -1]].max() < 40  # corners: background, black
@@ -98,7 +98,7 @@ def disc(canvas, box, level=30):
     ids=["white", "noise and a gradient", "tiny item", "one colour", "cut off", "cross"],
 )
 def test_a_photo_with_nothing_to_classify_is_said_so(image, words):
-    problem = predict.photo_problem(image)
+    problem = photos.photo_problem(image)
     assert problem is not None and words in problem, problem
 
 
@@ -107,18 +107,18 @@ def test_a_photo_of_an_item_is_not_warned_about(test_images, noise, gradient):
     rng = np.random.default_rng(2)
     for image in test_images[:10]:
         photo = as_photo(image[0].numpy(), rng, noise=noise, gradient=gradient)
-        assert predict.photo_problem(photo) is None
-        assert predict.photo_problem(predict.grey_levels(photo)) is None  # or its grey levels
+        assert photos.photo_problem(photo) is None
+        assert photos.photo_problem(photos.grey_levels(photo)) is None  # or its grey levels
 
 
 def test_the_photos_benchmark_writes_its_table(run, tmp_path):
-    results = photos.main(["--run", str(run), "--images", "2", "--results", str(tmp_path)])
-    assert set(results["conditions"]) == {*photos.CONDITIONS, photos.VARIED}
+    results = photos_benchmark.main(["--run", str(run), "--images", "2", "--results", str(tmp_path)])
+    assert set(results["conditions"]) == {*photos_benchmark.CONDITIONS, photos_benchmark.VARIED}
     assert all(0 <= scores["agreement"] <= 100 for scores in results["conditions"].values())
     table = (tmp_path / "photos.md").read_text()
     assert "| clean |" in table and "| noise 10 |" in table and (tmp_path / "photos.json").exists()
 
 
 def test_the_photos_benchmark_refuses_a_bad_setting_in_one_line(tmp_path, capsys):
-    code, err = run_cli(photos, ["--run", str(tmp_path), "--images", "0"], capsys)
+    code, err = run_cli(photos_benchmark, ["--run", str(tmp_path), "--images", "0"], capsys)
     assert code == 2 and len(err) == 1 and "--images 0" in err[0]

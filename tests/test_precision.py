@@ -71,7 +71,7 @@ def test_fp32_uses_tf32_tensor_cores_from_ampere_on_only(gpus, monkeypatch):
     assert common.pick_precision("fp32", CUDA) == "fp32" and calls == []
     gpus["cuda:0"] = ((8, 0), "A100", 40)
     assert common.pick_precision("auto", CUDA) == "bf16" and calls == []
-    assert common.pick_precision("fp32", CUDA) == "fp32" and calls == ["high"]
+    assert common.pick_precision("fp32", CUDA) == "tf32" and calls == ["high"]
     assert common.pick_precision("fp32", torch.device("cpu")) == "fp32" and calls == ["high"]
 
 

@@ -20,6 +20,7 @@ import common
 import predict
 import resnet_transfer as rt
 from conftest import ROOT, one_line, run_cli
+from plumbing import photos
 
 TRAIN = ["--subset", "12000", "--val-size", "2000", "--epochs", "2"]
 
@@ -119,7 +120,7 @@ def test_raw_images_are_predicted_as_in_training(runs, test_images, real_data_di
 def test_prepared_photo_is_light_on_black_and_fills_the_frame():
     canvas = Image.new("L", (300, 200), 230)
     canvas.paste(Image.new("L", (60, 120), 40), (100, 40))  # a dark upright item on a light background
-    prepared = predict.prepare_photo(canvas)
+    prepared = photos.prepare_photo(canvas)
     assert prepared.shape == (28, 28) and prepared.dtype == np.uint8
     rows, cols = np.flatnonzero(prepared.max(1) > 128), np.flatnonzero(prepared.max(0) > 128)
     assert (rows[0], rows[-1]) == (0, 27) and 13 <= cols[-1] - cols[0] + 1 <= 15  # 120 px -> 28, 60 -> 14

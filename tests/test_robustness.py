@@ -319,14 +319,14 @@ def test_the_record_holds_the_split_sizes_actually_used(real_data_dir, tmp_path)
 
 
 def test_features_that_cannot_be_cached_still_train_the_head(real_data_dir, tmp_path, capsys, monkeypatch):
-    save = common.save_tensors
+    save = plumbing.save_tensors
 
     def cache_disk_full(path, tensors):
         if path.parent == tmp_path / "cache":
             raise common.UserError(f"cannot write {path}: No space left on device; free some space")
         return save(path, tensors)
 
-    monkeypatch.setattr(common, "save_tensors", cache_disk_full)
+    monkeypatch.setattr(plumbing, "save_tensors", cache_disk_full)
     tiny = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--subset", "600", "--val-size", "100"]
     argv = tiny + ["--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "runs")]
     code, err = run_cli(rt, argv, capsys)

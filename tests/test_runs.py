@@ -58,7 +58,7 @@ def test_the_curves_legend_says_what_the_run_did(real_data_dir, tmp_path, monkey
     monkeypatch.setattr(common, "plot_curves", lambda history, labels, path: drawn.append(labels))
     ann.main(SMALL + ["--label-smoothing", "0", "--no-flip", "--out-dir", str(tmp_path)])
     cnn.main(SMALL + ["--ema-decay", "0", "--out-dir", str(tmp_path)])
-    (ann_batches, ann_validation, _), (cnn_batches, cnn_validation, _) = drawn
+    (ann_batches, ann_validation), (cnn_batches, cnn_validation) = drawn
     assert ann_batches == "training batches (dropout on)" and ann_validation == "validation (evaluated, weight average)"
     assert cnn_batches == "training batches (augmented, dropout on, label smoothing in the loss)"
     assert cnn_validation == "validation (evaluated)"
@@ -108,7 +108,7 @@ def test_model_pt_reproduces_the_saved_test_accuracy(ann_run):
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
-    folders = {common.Run("same", settings(out_dir=str(tmp_path)), torch.device("cpu"), "fp32").dir for _ in range(5)}
+    folders = {common.Run("same", settings(), torch.device("cpu"), "fp32", tmp_path).dir for _ in range(5)}
     assert len(folders) == 5
 
 

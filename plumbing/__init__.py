@@ -1,33 +1,32 @@
-"""What keeps a run safe, and teaches nothing about training: checked settings, verified data files, files read
-within bounds and written atomically, and clean stops.
+"""What keeps runs safe, and teaches nothing about training: checked settings, verified data files, files written
+atomically, run folders, and clean stops. Whatever a user can get wrong ends in one line and exit code 2 instead of
+a traceback (`run_main`), and a run that trained an epoch keeps it. The training scripts reach this through `common`.
 
-Whatever a user can get wrong ends in one line and exit code 2 instead of a traceback (`run_main`), and a run
-that trained an epoch keeps it. The scripts reach all of this through `common`.
+What only the tools use lives beside it: reading.py (files a user hands us, and run folders read back) and
+photos.py (a photo prepared as Fashion-MNIST's images were made).
 """
 
 import argparse
 import contextlib
+import datetime
 import errno
+import functools
 import gzip
 import hashlib
 import io
 import math
 import os
 import re
-import reprlib
+import secrets
 import signal
-import stat
 import sys
 import tempfile
-import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-N_TRAIN = 60_000
+HERE = Path(__file__).resolve().parents[1]  # the project's folder: runs/ and data/ are found beside the scripts
 
 
 class UserError(Exception):
@@ -40,6 +39,7 @@ class Diverged(Exception):
 
 # ----------------------------------------------------------------------------------------------
 # Settings: the UPPER_CASE constants of a script are its command line.
+N_TRAIN = 60_000
 
 
 def expand_path(text):
@@ -64,9 +64,13 @@ def pixels(text):
         raise argparse.ArgumentTypeError(f"invalid image size: {text!r} (a number of pixels, or auto)") from None
 
 
+def is_weights(value):
+    return value in ("DEFAULT", "none") or value.startswith("IMAGENET") or Path(value).is_file()
+
+
 # The training scripts' settings: (type, check, what is allowed). The type is the flag's, whatever the default
 # is written as (DROPOUT = 0 still takes --dropout 0.3); a constant of another type is refused. predict.py and
-# compare.py add their own (`checks`). A run's record is checked against the same table (check_recorded).
+# compare.py add their own (`checks`).
 SETTINGS = {
     "EPOCHS": (int, lambda v: v >= 1, "an integer >= 1"),
     "BATCH_SIZE": (int, lambda v: v >= 2, "an integer >= 2 (BatchNorm cannot train on one image)"),
@@ -85,22 +89,14 @@ SETTINGS = {
     "VAL_SIZE": (int, lambda v: 0 <= v < N_TRAIN, f"an integer in [0, {N_TRAIN})"),
     "SUBSET": (int, lambda v: 0 <= v <= N_TRAIN, f"an integer in [0, {N_TRAIN}] (0 = all)"),
     "SEED": (int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)"),
-    "DEVICE": (
-        str,
-        lambda v: v in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v),
-        "auto, cpu, cuda, cuda:N or mps",
-    ),
+    "DEVICE": (str, lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), "auto, cpu, cuda, cuda:N or mps"),
     "PRECISION": (str, lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
     "DATA_DIR": (expand_path, anything, "a folder"),
     "OUT_DIR": (expand_path, anything, "a folder"),
     "CACHE_DIR": (expand_path, anything, "a folder"),
     "SHOW": (bool, anything, "on or off"),
     "BACKBONE": (str, lambda v: v in ("resnet18", "resnet34", "resnet50"), "resnet18, resnet34 or resnet50"),
-    "WEIGHTS": (
-        expand_path,
-        lambda v: v in ("DEFAULT", "none") or v.startswith("IMAGENET") or Path(v).is_file(),
-        "DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2, none, or the path of an existing state-dict file",
-    ),
+    "WEIGHTS": (expand_path, is_weights, "DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2, none, or a state-dict file"),
     "IMAGE_SIZE": (pixels, lambda v: v == "auto" or 32 <= v <= 512, "auto or an integer in [32, 512]"),
     "FINETUNE": (bool, anything, "on or off"),
     "EXTRACT_BATCH": (int, lambda v: v >= 1, "an integer >= 1"),
@@ -112,7 +108,7 @@ class _OneLineParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _flag(name):
+def flag(name):
     return "--" + name.lower().replace("_", "-")
 
 
@@ -159,37 +155,19 @@ def parse_hparams(namespace, argv=None, positionals=(), intermixed=False, checks
     for name, (kind, default) in _constants(namespace, script, checks).items():
         help_text = helps.get(name, "").replace("%", "%%") + " (default: %(default)s)"
         if kind is bool:
-            parser.add_argument(_flag(name), default=default, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(flag(name), default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(_flag(name), default=default, type=kind, metavar=name, help=help_text)
+            parser.add_argument(flag(name), default=default, type=kind, metavar=name, help=help_text)
     hp = parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv)
     for name, value in vars(hp).items():
         _, ok, allowed = checks.get(name.upper(), (None, anything, ""))
         if not ok(value):
-            raise UserError(f"{_flag(name)} ({name.upper()}) = {value!r} is not allowed: use {allowed}")
+            raise UserError(f"{flag(name)} ({name.upper()}) = {value!r} is not allowed: use {allowed}")
     _check_split(hp)
     if getattr(hp, "tta_flip", False) and not getattr(hp, "flip", True):
         hp.tta_flip = False  # recorded as it runs: mirrored images mislead a model never trained on them
         print(f"{script}: note: --tta-flip is off because --flip is off (the model never sees mirrored images)")
     return hp
-
-
-def check_recorded(values, names, optional=()):
-    """The settings `names` (and those of `optional` that are there) from `values`, the {NAME: value} a run's
-    record keeps, checked against SETTINGS as their flags are: returned by name (hp.dropout), or a UserError
-    naming the first one that is missing, of the wrong type or not allowed."""
-    checked = {}
-    for name in (*names, *optional):
-        if name not in values:
-            if name in names:
-                raise UserError(f"{name} is missing")
-            continue
-        kind, ok, allowed = SETTINGS[name]
-        value = values[name]
-        if not _has_type(value, kind) or not ok(value):
-            raise UserError(f"{name} = {reprlib.repr(value)} is not allowed: it must be {allowed}")
-        checked[name.lower()] = float(value) if kind is float else value
-    return argparse.Namespace(**checked)
 
 
 def _check_split(hp):
@@ -207,26 +185,32 @@ def _check_split(hp):
         )
 
 
+def check_device(name):
+    """Refuse, in one line, a device named that is not here."""
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0 or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
+    if name not in ("cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
+
+
 # ----------------------------------------------------------------------------------------------
 # Data files: found, verified against the official content, parsed into uint8 tensors.
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-# SHA-256 of the *decompressed* files: the official .gz files and Debian's recompressed ones both pass.
+# Each file's size and SHA-256, decompressed (a 16- or 8-byte header, then 28x28 images or labels): the official .gz
+# files and Debian's recompressed ones both pass, and a file of any other size is refused before it is read whole.
 FILES = {
-    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-}
-
-
-# Decompressed sizes: a file of any other size is refused before it is read (or inflated) whole.
-SIZES = {
-    "train-images-idx3-ubyte": 16 + 60_000 * 28 * 28,
-    "train-labels-idx1-ubyte": 8 + 60_000,
-    "t10k-images-idx3-ubyte": 16 + 10_000 * 28 * 28,
-    "t10k-labels-idx1-ubyte": 8 + 10_000,
+    "train-images-idx3-ubyte": (47_040_016, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    "train-labels-idx1-ubyte": (60_008, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    "t10k-images-idx3-ubyte": (7_840_016, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    "t10k-labels-idx1-ubyte": (10_008, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 }
 
 
@@ -291,7 +275,7 @@ def find_fashion_mnist(data_dir=None):
 
 def _read_capped(path, name):
     """The decompressed bytes of path, refused as soon as they pass the official file's size."""
-    expected = SIZES[name]
+    expected = FILES[name][0]
     size = path.stat().st_size
     if path.suffix != ".gz" and size != expected or path.suffix == ".gz" and size > expected + 4096:
         raise UserError(
@@ -309,7 +293,18 @@ def _read_capped(path, name):
 
 
 def read_idx(path, name):
-    """One IDX file as a uint8 tensor, refused unless its decompressed bytes are exactly the official ones."""
+    """One IDX file as a uint8 tensor, refused unless its decompressed bytes are exactly the official ones.
+    A file is verified once per program: reading it again while it is unchanged (the test suite reads the data
+    hundreds of times) gives a copy of what was verified."""
+    try:
+        info = path.stat()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read it ({error.strerror}); point --data-dir at the data files") from None
+    return _read_verified(path, name, (info.st_size, info.st_mtime_ns, info.st_ino)).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _read_verified(path, name, identity):
     try:
         raw = _read_capped(path, name)
     except PermissionError:
@@ -319,7 +314,7 @@ def read_idx(path, name):
             f"{path}: not a readable gzip file ({error}); it is truncated or corrupt: "
             "delete it and run again to re-download"
         ) from None
-    if hashlib.sha256(raw).hexdigest() != FILES[name]:
+    if hashlib.sha256(raw).hexdigest() != FILES[name][1]:
         raise UserError(
             f"{path}: content is not the official Fashion-MNIST {name} "
             "(SHA-256 mismatch: truncated, corrupt or another "
@@ -334,54 +329,27 @@ def read_idx(path, name):
 # Files a user hands us are read within bounds; files we write are written atomically.
 
 
-def read_file(path, what, limit):
-    """The bytes of a file a user handed us (a record, weights, a cache), refused in one line naming `what`
-    unless it is a regular file of at most `limit` bytes: a FIFO would hang, /dev/zero never end."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not wait for a writer
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise UserError(f"{what} {path}: not a regular file (a folder, pipe or device), so not read")
-            data = f.read(limit + 1)
-    except OSError as error:
-        raise UserError(f"{what} {path}: cannot read it ({error.strerror})") from None
-    if len(data) > limit:
-        raise UserError(f"{what} {path}: larger than the {limit:,} bytes such a file can be, so not read")
-    return data
-
-
-def _umask():
-    """The process's umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path, data):
     """Write-then-rename, so a reader never sees a half-written file; a full disk is a user error.
 
-    The rename replaces whatever is at path, a symlink included, instead of writing through it. Each writer has
-    its own temporary file, so two runs writing the same file at once never mix their bytes."""
-    tmp = None
+    The rename replaces whatever is at path, a symlink included, instead of writing through it. Each writer creates
+    its own temporary file (a random name, O_EXCL), so two runs writing the same file at once never mix their
+    bytes; it gets the mode the umask gives, as any new file."""
+    tmp, created = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp"), False
     try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), "wb") as f:
+            created = True
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # a temporary file is private (0600); the result gets the usual mode
         os.replace(tmp, path)
     except BaseException as error:  # Ctrl-C included: a half-written temporary file is never left behind
-        if tmp is not None:
+        if created:
             tmp.unlink(missing_ok=True)
         if not isinstance(error, OSError):
             raise
-        advice = (
-            "free some space or choose another folder"
-            if error.errno in (errno.ENOSPC, errno.EDQUOT)
-            else ("choose another folder or file")
-        )
-        raise UserError(f"cannot write {path}: {error.strerror}; {advice}") from None
+        advice = "free some space or " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise UserError(f"cannot write {path}: {error.strerror}; {advice}choose another folder or file") from None
 
 
 def save_tensors(path, tensors):
@@ -389,75 +357,6 @@ def save_tensors(path, tensors):
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in tensors.items()}, buffer)
     atomic_write(path, buffer.getvalue())
-
-
-def load_tensors(path, what, limit):
-    """The dict of tensors torch.save wrote to path, loaded without running any code in it and refused in one line
-    naming `what` unless its tensors take at most `limit` bytes: the size is read from the file's table of
-    contents before anything is inflated. `{"state_dict": ...}`, as training frameworks save weights, is
-    unwrapped."""
-    with contextlib.suppress(OSError):  # read_file names a file that cannot be read
-        if os.stat(path).st_size > limit + 2**20:  # the tensors, and a little room for their names
-            raise UserError(
-                f"{what} {path}: {os.stat(path).st_size:,} bytes, more than the {limit:,} the expected tensors "
-                "take: the weights of another model, or no weights"
-            )
-    data = read_file(path, what, limit + 2**20)
-    if not data:
-        raise UserError(f"{what} {path}: the file is empty")
-    try:
-        inflated = 0  # torch's older format (not a zip) stores its tensors as they are: nothing to inflate
-        if zipfile.is_zipfile(io.BytesIO(data)):
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                inflated = sum(entry.file_size for entry in archive.infolist())
-        if inflated > limit + 2**20:
-            raise UserError(f"{what} {path}: its tensors would take {inflated:,} bytes, more than expected ({limit:,})")
-        with warnings.catch_warnings():  # torch warns about unusual pickles: the one line below says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except UserError:
-        raise
-    except Exception as error:  # pickle, zip and format errors all mean the same thing to the user
-        if "Weights only load failed" in str(error):
-            raise UserError(
-                f"{what} {path}: holds pickled Python objects (a whole model, or code), which are never loaded "
-                "here because loading them can run code; save and pass model.state_dict() instead"
-            ) from None
-        raise UserError(f"{what} {path}: not a file written by torch.save (empty, corrupt or another format)") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)} if isinstance(state, dict) else {}
-    if not tensors:
-        raise UserError(f"{what} {path}: holds no state dict (a dict of parameter names to tensors)")
-    return tensors
-
-
-def state_bytes(model):
-    """The bytes a state dict of the model takes: what a weights file for it may hold."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-def check_state_dict(state, model, what, name):
-    """Refuse, in words, a state dict whose names, shapes or values do not fit the model (called `name`)."""
-    expected = model.state_dict()
-    missing, foreign = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or foreign:
-        example = f"it lacks {missing[0]}" if missing else f"it has {foreign[0]}"
-        raise UserError(
-            f"{what}: not a {name} state dict ({len(missing)} of its {len(expected)} tensors missing, "
-            f"{len(foreign)} foreign: {example}); was it saved from another architecture?"
-        )
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise UserError(
-                f"{what}: not a {name} state dict ({key} has shape {tuple(state[key].shape)} where {name} has "
-                f"{tuple(tensor.shape)}: the weights come from a model of other sizes)"
-            )
-        value = state[key]
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise UserError(f"{what}: {key} holds NaN or infinite values: the weights are damaged")
-        if key.endswith("running_var") and (value < 0).any():
-            raise UserError(f"{what}: {key} holds negative variances: the weights are damaged")
 
 
 def writable_folder(path, flag):
@@ -474,10 +373,31 @@ def writable_folder(path, flag):
     return path
 
 
+def runs_folder(out_dir):
+    """Where run folders go: OUT_DIR, or runs/ beside the scripts."""
+    return Path(out_dir or HERE / "runs")
+
+
+def new_run_folder(out_dir, script):
+    """A new, empty folder for a run of `script` in `out_dir`, named after the script and the time it started."""
+    out_dir = runs_folder(out_dir)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            path = out_dir / (f"{script}-{stamp}" + (f"-{n}" if n else ""))
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()  # atomic: two runs started in the same second never share a folder
+                return path
+    except OSError as error:
+        raise UserError(
+            f"cannot create a run folder in {out_dir}: {error.strerror}; choose a writable --out-dir"
+        ) from None
+    raise UserError(f"{out_dir} already holds 1000 runs named {script}-{stamp}; choose another --out-dir")
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point: what a user can cause ends in one line and an exit code, never a traceback.
-
-
 STOP_SIGNALS = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # no SIGHUP on Windows
 
 
@@ -517,7 +437,7 @@ MEMORY_SETTINGS = ["BATCH_SIZE", "EXTRACT_BATCH", "IMAGE_SIZE", "FC_WIDTH"]
 
 
 def _memory_advice(main):
-    flags = [_flag(name) for name in MEMORY_SETTINGS if name in getattr(main, "__globals__", {})]  # the script's
+    flags = [flag(name) for name in MEMORY_SETTINGS if name in getattr(main, "__globals__", {})]  # the script's
     if not flags:
         return "close other programs, or use a device with more memory"
     return "use a smaller " + (", ".join(flags[:-1]) + " or " if len(flags) > 1 else "") + flags[-1]
