@@ -150,7 +150,7 @@ def throughput(name, n, repeats, device, root, tmp):
 def time_to_accuracy(name, budget, device, root, tmp, quick):
     target = TARGETS[name]
     argv = ["--epochs", str(1 if quick else SHORT_EPOCHS[name]), "--out-dir", tmp]
-    argv += ["--subset", "1000", "--val-size", "200", "--batch-size", "100"] if quick else []
+    argv += ["--subset", "600", "--val-size", "100", "--batch-size", "100"] if quick else []
     with contextlib.redirect_stdout(io.StringIO()):
         final = SCRIPTS[name].main(argv)
     record = json.loads(sorted(Path(tmp).glob(f"{name}-*/metrics.json"))[-1].read_text())
@@ -163,7 +163,7 @@ def time_to_accuracy(name, budget, device, root, tmp, quick):
     }
     model = MODELS[name]().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    n = 1000 if quick else 60_000
+    n = 500 if quick else 60_000
     train_loader, test_loader = reference_loader(root, True, n), reference_loader(root, False, n, batch_size=1000)
     elapsed, history = 0.0, []
     while elapsed < budget:
@@ -193,7 +193,7 @@ def transfer_ratio(device, quick):
     preprocess = resnet_transfer.Preprocess(size, mean, std).to(device)
     head = resnet_transfer.Head(resnet_transfer.FEATURES[backbone_name], resnet_transfer.DROPOUT).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    n, batch = (1000, 100) if quick else (55_000, resnet_transfer.BATCH_SIZE)
+    n, batch = (400, 100) if quick else (55_000, resnet_transfer.BATCH_SIZE)
     features = torch.randn(n, resnet_transfer.FEATURES[backbone_name], device=device)
     labels = torch.randint(0, 10, (n,), device=device)
     images = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8, device=device)
@@ -232,14 +232,14 @@ def profile_cnn(device, quick):
     from torch.profiler import ProfilerActivity, profile
 
     with tempfile.TemporaryDirectory() as tmp:
-        epoch, precision = our_pipeline("cnn", 1024 if quick else 10_240, device, tmp)
+        epoch, precision = our_pipeline("cnn", 512 if quick else 10_240, device, tmp)
         epoch()  # warm-up
         start = time.perf_counter()
         epoch()
         seconds = time.perf_counter() - start
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             epoch()
-    images = 1024 if quick else 10_240
+    images = 512 if quick else 10_240
     model = MODELS["cnn"]()
     forward_macs = sum(
         m.weight.numel() * (28 * 28 if i == 0 else 14 * 14)
@@ -327,7 +327,7 @@ def main(argv=None):
             results["throughput"][name] = throughput(name, 512 if args.quick else n, args.repeats, device, root, tmp)
             print(name, "throughput", results["throughput"][name], flush=True)
         for name in ("ann", "cnn"):
-            budget = 5 if args.quick else args.budget
+            budget = 1 if args.quick else args.budget
             results["time_to_accuracy"][name] = time_to_accuracy(name, budget, device, root, tmp, args.quick)
             print(name, "time to accuracy", results["time_to_accuracy"][name], flush=True)
     results["transfer"] = transfer_ratio(device, args.quick)

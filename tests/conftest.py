@@ -1,13 +1,14 @@
-"""Shared set-up: the real dataset, a small run's settings, and helpers to run a script as the command line does.
+"""Shared set-up: the real dataset, a small run's settings, runs trained once for the whole suite, and helpers to run
+a script as the command line does.
 
 Fixtures: `real_data_dir` (the real Fashion-MNIST files), `extracted_dir` (them decompressed, in torchvision's
-layout), `out_dir` (an empty place for run folders) and `ann_run` (one short ann.py run, shared by the tests that
-read what a run leaves behind). Helpers: `run_cli`, `one_line`, `settings`, `png_size`.
+layout), `out_dir` (an empty place for run folders), `runs` (one run of each script, trained once) and `run_copy`
+(a copy of one of them, to damage). Figures take most of a small run's time: they are drawn only in tests marked
+`figures` (and in `runs`, which the figure tests read). Helpers: `run_cli`, `one_line`, `settings`, `png_size`.
 """
 
 import argparse
 import gzip
-import json
 import shutil
 import struct
 import sys
@@ -19,8 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ann  # noqa: E402
+import cnn  # noqa: E402
 import common  # noqa: E402
+import compare  # noqa: E402
 import plumbing  # noqa: E402
+import predict  # noqa: E402
+import resnet_transfer as rt  # noqa: E402
 
 # A run of a few seconds: 1,000 training images, 200 for validation, 10 batches, one epoch.
 SMALL = ["--subset", "1200", "--val-size", "200", "--batch-size", "100", "--epochs", "1"]
@@ -77,11 +82,37 @@ def out_dir(tmp_path):
     return tmp_path / "runs"
 
 
+# The shared runs: 10,000 training images, 2,000 for validation, two epochs: the CNN then gets nine in ten photos
+# of test images right, as the photo tests need. Transfer: a random ResNet-18 at 32 px, on 500 images.
+TRAIN = ["--subset", "12000", "--val-size", "2000", "--epochs", "2"]
+TINY_RT = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--subset", "600", "--val-size", "100"]
+
+
 @pytest.fixture(scope="session")
-def ann_run(real_data_dir, tmp_path_factory):
-    """A completed two-epoch ann.py run on 1,200 images: (its folder, its metrics.json record, its argv)."""
-    out = tmp_path_factory.mktemp("ann-run")
-    argv = SMALL + ["--epochs", "2", "--out-dir", str(out)]
-    ann.main(argv)
-    (run_dir,) = out.iterdir()
-    return run_dir, json.loads((run_dir / "metrics.json").read_text()), argv
+def runs(real_data_dir, tmp_path_factory):
+    """{ann, cnn, rt, finetune: run folder}: a completed run of each, with its figures, trained once."""
+    out = tmp_path_factory.mktemp("runs")
+    ann.main(TRAIN + ["--out-dir", str(out / "ann")])
+    cnn.main(TRAIN + ["--out-dir", str(out / "cnn")])
+    rt.main(TINY_RT + ["--epochs", "2", "--out-dir", str(out / "rt"), "--cache-dir", str(out / "cache")])
+    rt.main(TINY_RT + ["--epochs", "1", "--finetune", "--out-dir", str(out / "finetune")])
+    return {name: next((out / name).iterdir()) for name in ("ann", "cnn", "rt", "finetune")}
+
+
+@pytest.fixture
+def run_copy(runs, tmp_path):
+    """copy(name): a copy of the shared run `name`, in runs/ under the test's own folder, free to be damaged."""
+
+    def copy(name):
+        return Path(shutil.copytree(runs[name], tmp_path / "runs" / runs[name].name))
+
+    return copy
+
+
+@pytest.fixture(autouse=True)
+def no_figures(request, monkeypatch):
+    """Figures are drawn only in the tests marked `figures`: elsewhere drawing them would take most of the time."""
+    if "figures" not in request.keywords:
+        monkeypatch.setattr(common.Run, "draw", lambda self, plot, name, *args: None)
+        monkeypatch.setattr(predict, "plot_predictions", lambda paths, images, probabilities, path: None)
+        monkeypatch.setattr(compare, "plot", lambda groups, names, path, reference=0: None)

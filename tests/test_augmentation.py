@@ -12,8 +12,8 @@ def test_flip_and_shift_move_pixels_without_changing_them():
     same = (flipped == x).flatten(1).all(1)
     mirrored = (flipped == x.flip(3)).flatten(1).all(1)
     assert (same | mirrored).all() and same.any() and mirrored.any()
-    shifted = common.random_flip_and_shift(x, 2, generator, flip=False)
-    background = x.min()
+    background = -10.0  # the black pixel, normalised: no pixel of x has it
+    shifted = common.random_flip_and_shift(x, 2, generator, flip=False, background=background)
     # every shifted image is a translated copy: its 24x24 centre appears in the original
     for original, moved in zip(x, shifted, strict=True):
         centre = moved[:, 2:26, 2:26]
@@ -22,7 +22,7 @@ def test_flip_and_shift_move_pixels_without_changing_them():
             for dy in range(-2, 3)
             for dx in range(-2, 3)
         )
-    assert (shifted == background).any()
+    assert (shifted == background).any()  # what moved in from outside the image is background
 
 
 def test_tta_views_are_the_image_its_shifts_and_their_mirrors():

@@ -3,6 +3,7 @@
 They check the shape of the outputs, never a speed or an accuracy: those are measured, not asserted.
 """
 
+import importlib
 import json
 import os
 import re
@@ -13,24 +14,23 @@ import time
 
 import pytest
 
-from conftest import ROOT
+import common
+from conftest import ROOT, one_line, run_cli
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+DEVICE_CHECKED = ("footwear", "gpu_check", "speed", "transfer")  # the benchmarks with a --device
 
 
-def run_benchmark(name, tmp_path, *args):
-    result = subprocess.run(
-        [sys.executable, f"benchmarks/{name}.py", "--quick", "--results", str(tmp_path), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+def run_benchmark(name, tmp_path, capsys, *args):
+    """benchmarks/NAME.py --quick, run in this process as the command line runs it: (results, table)."""
+    code, err = run_cli(importlib.import_module(name), ["--quick", "--results", str(tmp_path), *args], capsys)
+    assert code == 0, err
     return json.loads((tmp_path / f"{name}-quick.json").read_text()), (tmp_path / f"{name}-quick.md").read_text()
 
 
-def test_accuracy_benchmark_quick(real_data_dir, tmp_path):
+def test_accuracy_benchmark_quick(real_data_dir, tmp_path, capsys):
     argv = ["--seeds", "1", "2", "--scripts", "ann", "--ablation", "--runs", str(tmp_path / "runs")]
-    results, table = run_benchmark("accuracy", tmp_path, *argv, "--label-smoothing", "0.05")
+    results, table = run_benchmark("accuracy", tmp_path, capsys, *argv, "--label-smoothing", "0.05")
     assert results["quick"] and results["machine"]["torch"] and results["flags"] == "--label-smoothing 0.05"
     records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("ann-*/metrics.json")]
     assert len(records) == 2 + len(results["ablation"]["ann"]) - 1  # the seeds, then one run per ablation row
@@ -44,8 +44,8 @@ def test_accuracy_benchmark_quick(real_data_dir, tmp_path):
     assert "| ann.py |" in table and "| no label smoothing | `--label-smoothing 0` |" in table
 
 
-def test_speed_benchmark_quick(real_data_dir, tmp_path):
-    results, table = run_benchmark("speed", tmp_path, "--repeats", "1")
+def test_speed_benchmark_quick(real_data_dir, tmp_path, capsys):
+    results, table = run_benchmark("speed", tmp_path, capsys, "--repeats", "1")
     for name in ("ann", "cnn"):
         throughput = results["throughput"][name]
         assert throughput["ours_images_per_s"] > 0 and throughput["reference_images_per_s"] > 0
@@ -58,13 +58,10 @@ def test_speed_benchmark_quick(real_data_dir, tmp_path):
     assert "| ann |" in table and "Transfer (resnet18" in table and "CNN profile" in table
 
 
-def test_footwear_benchmark_on_a_short_default_cnn_run(real_data_dir, tmp_path):
-    runs = tmp_path / "runs"
-    train = ["--subset", "2000", "--val-size", "500", "--epochs", "1", "--out-dir", str(runs)]
-    subprocess.run([sys.executable, "cnn.py", *train], cwd=ROOT, capture_output=True, check=True, timeout=600)
-    argv = ["--runs", str(runs), "--images", "300", "--results", str(tmp_path)]
-    done = subprocess.run([sys.executable, "benchmarks/footwear.py", *argv], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_footwear_benchmark_on_the_default_cnn(runs, tmp_path, capsys):
+    argv = ["--runs", str(runs["cnn"].parent), "--images", "300", "--results", str(tmp_path)]
+    code, err = run_cli(importlib.import_module("footwear"), argv, capsys)
+    assert code == 0, err
     (group,) = json.loads((tmp_path / "footwear.json").read_text())["groups"]
     assert len(group["runs"]) == 1 and group["name"] == "cnn"
     # The default CNN averages each image with its mirror: footwear gets the same answer either way.
@@ -73,30 +70,18 @@ def test_footwear_benchmark_on_a_short_default_cnn_run(real_data_dir, tmp_path):
     assert "| cnn | 1 |" in (tmp_path / "footwear.md").read_text()
 
 
-def test_cnn_step_benchmark_smoke():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/cnn_step.py", "--steps", "1", "--repeats", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+def test_cnn_step_benchmark_smoke(capsys):
+    assert common.run_main(importlib.import_module("cnn_step").main, ["--steps", "1", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     assert "matmul" in lines[0] and len(lines) == 6
     assert all(re.search(r"[\d,]+ img/s, \d+ GFLOP/s, \d+% of the matmul$", line) for line in lines[1:])
 
 
-def test_gpu_check_smoke_runs_every_step_on_the_cpu(real_data_dir, tmp_path):
+def test_gpu_check_smoke_runs_every_step_on_the_cpu(real_data_dir, tmp_path, capsys):
     """The GPU check's --smoke form: every step runs and is recorded (the device tests are the suite's own)."""
-    result = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--smoke", "--device", "cpu", "--results", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    argv = ["--smoke", "--device", "cpu", "--results", str(tmp_path)]
+    code, err = run_cli(importlib.import_module("gpu_check"), argv, capsys)
+    assert code == 0, err
     rows = {row["step"]: row for row in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]}
     assert len(rows) == 10 and rows["determinism: cnn.py short, same seed twice"]["identical"] is True
     assert rows["cnn.py short, --precision fp16"]["precision"] == "fp16"
@@ -105,22 +90,23 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(real_data_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv, words",
+    "benchmark, argv, words",
     [
-        (["cnn_step.py", "--repeats", "0"], "--steps and --repeats take a count of at least 1"),
-        (["accuracy.py", "--quick", "--lr", "nan"], "--lr (LR) = nan is not allowed"),
-        (["speed.py", "--quick", "--results", "README.md"], "--results README.md is a file, not a folder"),
-        (["footwear.py", "--images", "0"], "--images 0: use a number from 1 to 10000"),
-        (["footwear.py", "--runs", "README.md"], "--runs README.md: not a folder"),
+        ("cnn_step", ["--repeats", "0"], "--steps and --repeats take a count of at least 1"),
+        ("accuracy", ["--quick", "--lr", "nan"], "--lr (LR) = nan is not allowed"),
+        ("speed", ["--quick", "--results", "README.md"], "--results README.md is a file, not a folder"),
+        ("footwear", ["--images", "0"], "--images 0: use a number from 1 to 10000"),
+        ("footwear", ["--runs", "README.md"], "--runs README.md: not a folder"),
+        *[(name, ["--device", "gpu", "--results", "{tmp}"], "--device gpu") for name in DEVICE_CHECKED],
     ],
 )
-def test_a_bad_benchmark_setting_is_one_line_and_exit_code_2(argv, words):
+def test_a_bad_benchmark_setting_is_one_line_and_exit_code_2(benchmark, argv, words, tmp_path, monkeypatch, capsys):
     """Checked before any measurement: a bad --results no longer loses the results after the work."""
-    result = subprocess.run(
-        [sys.executable, f"benchmarks/{argv[0]}", *argv[1:]], cwd=ROOT, capture_output=True, text=True
-    )
-    (line,) = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and line.startswith(f"{argv[0]}: error: {words}")
+    monkeypatch.chdir(ROOT)
+    module = importlib.import_module(benchmark)
+    code, err = run_cli(module, [arg.replace("{tmp}", str(tmp_path)) for arg in argv], capsys)
+    assert code == 2
+    one_line(err, words)
 
 
 def test_a_stopped_speed_benchmark_leaves_no_copy_of_the_dataset(real_data_dir, tmp_path):

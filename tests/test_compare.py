@@ -59,9 +59,10 @@ def legend(lines):
     return {line.split()[0]: line for line in lines[start:] if line.split()[:1] and line.split()[0] in table}
 
 
-def test_compare_groups_seeds_and_survives_broken_folders(ann_run, tmp_path, capsys):
+@pytest.mark.figures
+def test_compare_groups_seeds_and_survives_broken_folders(runs, tmp_path, capsys):
     """Copies of a real ann.py record, with a seed, a learning rate or the status changed."""
-    run_dir, record, _ = ann_run
+    record = json.loads((runs["ann"] / "metrics.json").read_text())
     runs = tmp_path / "runs"
     runs.mkdir()
 
@@ -200,6 +201,7 @@ def test_nan_or_missing_accuracies_are_skipped_and_named(tmp_path, capsys):
     assert "val_acc is nan" in err[0] and "test_acc is inf" in err[1] and "without a validation split" in err[2]
 
 
+@pytest.mark.figures
 def test_compare_skips_malformed_records_and_still_prints_the_table(tmp_path, capsys):
     good = {
         "script": "ann",
@@ -231,6 +233,7 @@ def test_compare_skips_malformed_records_and_still_prints_the_table(tmp_path, ca
     assert png_size(tmp_path / "compare.png") == (1100, 500)
 
 
+@pytest.mark.figures
 def test_compare_prints_the_table_when_the_figure_cannot_be_saved(tmp_path, capsys, monkeypatch):
     record = {"script": "ann", "status": "completed", "hparams": {}, "history": [{"epoch": 1, "val_acc": 0.5}]}
     record["final"] = {"test_acc": 0.5, "val_acc": 0.5, "seconds": 1.0}
@@ -254,6 +257,7 @@ def drawn_figures(monkeypatch):
     return figures
 
 
+@pytest.mark.figures
 def test_the_figure_names_each_groups_settings_and_has_whole_epochs(tmp_path, capsys, monkeypatch):
     figures = drawn_figures(monkeypatch)
     write_runs(tmp_path, [fake_record(s, 0.9, dropout=d) for d in (0.1, 0.3) for s in (1, 2)])
@@ -265,6 +269,7 @@ def test_the_figure_names_each_groups_settings_and_has_whole_epochs(tmp_path, ca
     assert png_size(tmp_path / "compare.png") == (1100, 500)
 
 
+@pytest.mark.figures
 def test_a_dollar_sign_in_a_script_name_or_setting_is_drawn_as_text(tmp_path, capsys, monkeypatch):
     figures = drawn_figures(monkeypatch)
     records = [fake_record(s, 0.9, script="$\\foo$", MODE="$x^$") for s in (1, 2)]
@@ -433,6 +438,7 @@ def test_extra_keys_in_final_are_ignored_but_the_fields_read_are_checked(tmp_pat
     one_line(err, "run-001", "seconds")
 
 
+@pytest.mark.figures
 def test_hundreds_of_groups_draw_without_matplotlib_warnings(tmp_path, capsys, monkeypatch):
     """Too many legend entries to fit: the legend shows the first ones and says so; tight_layout does not warn."""
     figures = drawn_figures(monkeypatch)

@@ -107,12 +107,14 @@ def test_fp16_is_refused_in_one_line_where_torch_has_no_autocast(real_data_dir, 
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before the run folder was made
 
 
-def test_an_fp16_run_trains_through_the_loss_scaler_and_records_its_precision(real_data_dir, tmp_path):
-    final = cnn.main(SMALL + ["--lr", "0.02", "--precision", "fp16", "--out-dir", str(tmp_path)])
-    (run_dir,) = tmp_path.iterdir()
-    record = json.loads((run_dir / "metrics.json").read_text())
-    assert record["precision"] == "fp16" and record["status"] == "completed"
-    assert 0.3 < final["test_acc"] <= 1  # one epoch on 1,000 images, far above chance
+def test_an_fp16_run_trains_as_an_fp32_run_does_and_records_its_precision(real_data_dir, tmp_path):
+    """The same seed in fp16 (through the loss scaler) and in fp32: the same accuracy, to a point or so."""
+    finals = {}
+    for precision in ("fp16", "fp32"):
+        finals[precision] = ann.main(SMALL + ["--precision", precision, "--out-dir", str(tmp_path / precision)])
+        (run_dir,) = (tmp_path / precision).iterdir()
+        assert json.loads((run_dir / "metrics.json").read_text())["precision"] == precision
+    assert finals["fp16"]["test_acc"] == pytest.approx(finals["fp32"]["test_acc"], abs=0.02)
 
 
 def test_a_step_whose_scaled_gradients_overflow_is_skipped_and_the_scale_backs_off():

@@ -15,26 +15,9 @@ import torch
 from PIL import EpsImagePlugin, Image, PngImagePlugin
 
 import ann
-import cnn
 import common
 import predict
-import resnet_transfer as rt
-from conftest import ROOT, one_line, run_cli
-from plumbing import photos
-
-TRAIN = ["--subset", "12000", "--val-size", "2000", "--epochs", "2"]
-
-
-@pytest.fixture(scope="module")
-def runs(real_data_dir, tmp_path_factory):
-    """A short ANN, CNN and transfer run (random ResNet-18), each in its own folder."""
-    out = tmp_path_factory.mktemp("runs")
-    ann.main(TRAIN + ["--out-dir", str(out / "ann")])
-    cnn.main(TRAIN + ["--out-dir", str(out / "cnn")])
-    tiny = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--subset", "600", "--val-size", "100"]
-    rt.main(tiny + ["--epochs", "2", "--out-dir", str(out / "rt"), "--cache-dir", str(out / "cache")])
-    rt.main(tiny + ["--epochs", "1", "--finetune", "--out-dir", str(out / "finetune")])
-    return {name: next((out / name).iterdir()) for name in ("ann", "cnn", "rt", "finetune")}
+from conftest import ROOT, TRAIN, one_line, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +57,6 @@ def predicted_classes(output):
     return [re.match(r".*?: (.+?) \d+%", line).group(1) for line in output.splitlines() if re.search(r"\d+%,", line)]
 
 
-def test_photos_get_the_class_the_original_images_get(runs, test_images, tmp_path, capsys):
-    out = ["--out", str(tmp_path / "predictions.png")]
-    raw = predict.main([str(runs["cnn"]), str(save_raw(test_images, tmp_path / "raw")), "--raw", *out])
-    from_raw = predicted_classes(capsys.readouterr().out)
-    photos = predict.main([str(runs["cnn"]), str(save_photos(test_images, tmp_path / "photos")), *out])
-    from_photos = predicted_classes(capsys.readouterr().out)
-    assert len(from_raw) == len(from_photos) == 200 and raw.shape == photos.shape == (200, 10)
-    agreement = sum(a == b for a, b in zip(from_raw, from_photos, strict=True)) / 200
-    print(f"photo agreement: {agreement:.1%}")
-    assert agreement >= 0.90
-
-
 def test_photos_get_the_same_class_facing_either_way(runs, test_images, tmp_path, capsys):
     """All of Fashion-MNIST's footwear faces left; the CNN trains with flips and averages each image with its
     mirror, so a shoe photographed facing right gets the answer it gets facing left (without flips, 31% of
@@ -99,6 +70,7 @@ def test_photos_get_the_same_class_facing_either_way(runs, test_images, tmp_path
     assert sum(a == b for a, b in zip(as_they_are, mirrored, strict=True)) >= 196
 
 
+@pytest.mark.figures
 def test_raw_images_are_predicted_as_in_training(runs, test_images, real_data_dir, tmp_path, capsys):
     """--raw on the test images saved as PNGs gives the probabilities the trained model gives those images as
     its run evaluated them: its script's model and model.pt, on the test split normalised as in training."""
@@ -115,16 +87,6 @@ def test_raw_images_are_predicted_as_in_training(runs, test_images, real_data_di
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r".*000\.png: [\w/ -]+ \d+%, [\w/ -]+ \d+%, [\w/ -]+ \d+%", lines[0])
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_prepared_photo_is_light_on_black_and_fills_the_frame():
-    canvas = Image.new("L", (300, 200), 230)
-    canvas.paste(Image.new("L", (60, 120), 40), (100, 40))  # a dark upright item on a light background
-    prepared = photos.prepare_photo(canvas)
-    assert prepared.shape == (28, 28) and prepared.dtype == np.uint8
-    rows, cols = np.flatnonzero(prepared.max(1) > 128), np.flatnonzero(prepared.max(0) > 128)
-    assert (rows[0], rows[-1]) == (0, 27) and 13 <= cols[-1] - cols[0] + 1 <= 15  # 120 px -> 28, 60 -> 14
-    assert prepared[0, 0] == 0 and prepared[14, 14] == 255
 
 
 def test_bad_images_are_named_and_the_others_predicted(runs, test_images, tmp_path, capsys):
@@ -189,11 +151,12 @@ def test_a_run_folder_that_is_not_a_completed_run_is_one_line(change, words, run
 
 def test_a_stopped_run_is_used_with_the_weights_of_its_last_epoch_and_says_so(runs, tmp_path, capsys):
     stopped = set_record(status="interrupted", final=None, model_pt="weights after epoch 1")
-    folder = broken(runs["cnn"], tmp_path, stopped)
+    folder = broken(runs["ann"], tmp_path, stopped)
     code, err = run_cli(predict, [str(folder), "--test"], capsys)
     assert code == 0 and len(err) == 1 and "'interrupted'" in err[0] and "weights after epoch 1" in err[0]
 
 
+@pytest.mark.figures
 def test_unusable_outputs_and_inputs_are_one_line(runs, test_images, tmp_path, capsys, monkeypatch):
     folder = save_raw(test_images[:2], tmp_path / "images")
     (tmp_path / "empty").mkdir()
@@ -299,6 +262,7 @@ def test_a_file_pillow_chokes_on_is_named_not_a_traceback(runs, test_images, tmp
         assert "000.png: cannot be used (damaged)" in capsys.readouterr().err, error
 
 
+@pytest.mark.figures
 @pytest.mark.skipif(sys.platform != "linux", reason="a name that is not UTF-8 needs a Linux file system")
 def test_any_file_name_is_printed_and_drawn(runs, test_images, tmp_path):
     """A "$" in a name is no formula in the figure; a name that is not UTF-8, or holds a newline, is printed
@@ -399,6 +363,7 @@ def test_flags_may_come_before_between_or_after_the_images(runs, test_images, tm
     assert after.shape == (3, 10) and torch.equal(before, after) and torch.equal(between, after)
 
 
+@pytest.mark.figures
 def test_the_figure_and_the_mistakes_grid_show_images_alike(test_images, tmp_path, monkeypatch):
     """predictions.png and a run's misclassified.png draw the 28x28 images in one way: light on black, 0-255."""
     from matplotlib.axes import Axes
@@ -419,12 +384,13 @@ def test_the_figure_and_the_mistakes_grid_show_images_alike(test_images, tmp_pat
     assert len(styles) == 8 and set(styles) == {("gray", (0, 255))}, styles
 
 
-def test_the_figure_goes_into_the_run_folder_unless_out_says_otherwise(runs, test_images, tmp_path, capsys):
+@pytest.mark.figures
+def test_the_figure_goes_into_the_run_folder_unless_out_says_otherwise(run_copy, test_images, tmp_path, capsys):
     """By default predictions.png lands beside the model, so predicting a folder twice never reads the last figure
     as one of the photos."""
-    folder = save_raw(test_images[:3], tmp_path / "images")
+    folder, run = save_raw(test_images[:3], tmp_path / "images"), run_copy("cnn")
     for _ in range(2):
-        probabilities = predict.main([str(runs["cnn"]), str(folder), "--raw"])
+        probabilities = predict.main([str(run), str(folder), "--raw"])
         assert len(probabilities) == 3
-    assert (runs["cnn"] / "predictions.png").read_bytes()[:4] == b"\x89PNG" and len(list(folder.iterdir())) == 3
-    assert capsys.readouterr().out.splitlines()[-1] == f"figure: {runs['cnn'] / 'predictions.png'}"
+    assert (run / "predictions.png").read_bytes()[:4] == b"\x89PNG" and len(list(folder.iterdir())) == 3
+    assert capsys.readouterr().out.splitlines()[-1] == f"figure: {run / 'predictions.png'}"
