@@ -3,10 +3,10 @@
 Run `python cnn.py`, or override any constant below from the command line (`python cnn.py --epochs 5`).
 """
 
+import common  # first: then a Ctrl-C while torch loads ends in one line
+
 import torch
 import torch.nn as nn
-
-import common
 
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python cnn.py --help` lists them.
 # What each one buys, measured over seeds, is in RESULTS.md.

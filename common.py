@@ -19,11 +19,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
 from plumbing import (  # noqa: F401  (parse_hparams and run_main: for the scripts)
     FILES,
     Diverged,
@@ -37,8 +32,13 @@ from plumbing import (  # noqa: F401  (parse_hparams and run_main: for the scrip
     read_idx,
     run_main,
     save_tensors,
-    signals_ignored,
+    signals_deferred,
 )
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
@@ -343,8 +343,12 @@ def evaluate(model, x, y, amp, tta_flip=False, tta_shift=0, chunk=2048):
 
 
 def scores(logits, labels):
-    """(cross-entropy loss, accuracy) of the logits against the labels."""
-    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+    """(cross-entropy loss, accuracy) of the logits against the labels. Outputs that overflowed (a model whose
+    weights grew huge, while its training loss stayed finite) are a divergence: argmax would pick class 0."""
+    loss = F.cross_entropy(logits, labels).item()
+    if not math.isfinite(loss):
+        raise Diverged("in evaluation: the model's outputs overflowed")
+    return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
 def confusion_matrix(logits, labels):
@@ -384,7 +388,7 @@ class Run:
             return False
         stopped = issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError))
         status = "interrupted" if stopped else "diverged" if exc_type is Diverged else "failed"
-        with signals_ignored():
+        with signals_deferred():
             if status == "failed" and not self.record["history"]:
                 with contextlib.suppress(OSError):
                     self.dir.rmdir()  # empty: nothing is written before the first epoch
@@ -398,7 +402,7 @@ class Run:
                 f"{self.script}: {status} after {done} epoch(s); record in {self.dir / 'metrics.json'}", file=sys.stderr
             )
             if done:
-                self.draw(plot_curves, "curves.png", self.record["history"], self.legend)
+                self.draw(plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
         return False
 
     def start_training(self, data, model, evaluated, epochs, views, trained):
@@ -424,14 +428,16 @@ class Run:
     def log_epoch(self, epoch, train_loss, train_acc, val_loss, val_acc, lr):
         """Save the epoch's weights, then add its row to the record (saved at once), and print it."""
         seconds, unsaved = time.perf_counter() - self.epoch_started, self.unsaved
-        try:
-            save_tensors(self.dir / "model.pt", self.kept_model.state_dict())
-            self.record["model_pt"], self.unsaved = f"weights after epoch {epoch}", None
-        except UserError as error:  # a full disk: training goes on, so that at least its accuracies are recorded
-            self.unsaved = error
-        row = {"epoch": epoch, "train_batch_loss": train_loss, "train_batch_acc": train_acc}
-        self.record["history"].append({**row, "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": seconds})
-        self.save()
+        with signals_deferred():  # a stop waits until the weights and the record that names them are both written
+            try:
+                save_tensors(self.dir / "model.pt", self.kept_model.state_dict())
+                self.record["model_pt"], self.unsaved = f"weights after epoch {epoch}", None
+            except UserError as error:  # a full disk: training goes on, so that its accuracies are recorded
+                self.unsaved = error
+            row = {"epoch": epoch, "train_batch_loss": train_loss, "train_batch_acc": train_acc}
+            row.update(val_loss=val_loss, val_acc=val_acc, lr=lr, seconds=seconds)
+            self.record["history"].append(row)
+            self.save()
         if self.unsaved is not None and unsaved is None:  # said once, and only if the record could be written
             print(f"{self.script}: warning: {self.unsaved}; training goes on without saving weights", file=sys.stderr)
         val = f"{val_loss:>8.4f} {val_acc:>7.2%}" if val_loss is not None else f"{'-':>8} {'-':>7}"
@@ -458,7 +464,7 @@ class Run:
             f"{k}={'n/a' if final[k] is None else f'{final[k]:.2%}'}" for k in ("train_acc", "val_acc", "test_acc")
         )
         print(f"{self.script}: {accuracies} seconds={final['seconds']:.1f}", flush=True)
-        self.draw(plot_curves, "curves.png", self.record["history"], self.legend)
+        self.draw(plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
         self.draw(plot_confusion, "confusion.png", confusion, f"{self.script}: test confusion, rows = true class")
         for plot, name, *arguments in figures:
             self.draw(plot, name, *arguments)
@@ -466,23 +472,39 @@ class Run:
             raise UserError(f"{self.unsaved}; the accuracies are recorded in {self.dir / 'metrics.json'}")
 
     def draw(self, plot, name, *args):
-        """plot(*args, path) into the run folder. A figure that cannot be drawn (a full disk, a broken matplotlib)
+        """The figure plot(*args) into the run folder. One that cannot be drawn (a full disk, a broken matplotlib)
         is named on stderr, and the run stands: its record and weights are written first."""
         try:
-            plot(*args, self.dir / name)
-        except Exception as error:
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
-            print(f"{self.script}: {name} not drawn ({reason})", file=sys.stderr)
+            draw(plot, self.dir / name, *args)
+        except UserError as error:
+            print(f"{self.script}: {error}", file=sys.stderr)
 
     def save(self):
-        atomic_write(self.dir / "metrics.json", json.dumps(self.record, indent=2).encode())
+        atomic_write(self.dir / "metrics.json", json.dumps(self.record, indent=2, allow_nan=False).encode())
 
 
 # ----------------------------------------------------------------------------------------------
-# Plots: drawn with the Agg canvas, so they never block and need no display.
+# Plots: each returns a matplotlib Figure (the Agg canvas: it never blocks and needs no display); draw() writes it.
 
 
-def plot_curves(history, labels, path):
+def draw(plot, path, *args):
+    """The figure plot(*args), written to path as every output is (atomic_write: a link planted there is replaced,
+    never followed), in matplotlib's default style whatever a matplotlibrc asks (text.usetex would need LaTeX).
+    Whatever stops it (a full disk, a read-only folder, a matplotlib that fails) is a UserError naming the file."""
+    import matplotlib.style
+
+    try:
+        buffer = io.BytesIO()
+        with matplotlib.style.context("default"):
+            plot(*args).savefig(buffer, format=path.suffix.lstrip(".").lower() or "png")
+        atomic_write(path, buffer.getvalue())
+    except Exception as error:  # atomic_write's UserError included
+        reason = str(error).splitlines()[0] if str(error) else ""
+        reason = reason if isinstance(error, UserError) else f"{type(error).__name__}: {reason}".rstrip(": ")
+        raise UserError(f"{path.name} not drawn ({reason})") from None
+
+
+def plot_curves(history, labels, title):
     """Loss and accuracy per epoch: the training batches as they were trained, beside the validation evaluation.
     `labels` are (training batches, validation), from what the run did."""
     from matplotlib.figure import Figure
@@ -498,12 +520,12 @@ def plot_curves(history, labels, path):
         ax.set(xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper right" if key == "loss" else "lower right")
-    fig.suptitle(f"{path.parent.name}")
+    fig.suptitle(title)
     fig.tight_layout()
-    save_figure(fig, path)
+    return fig
 
 
-def plot_confusion(confusion, title, path):
+def plot_confusion(confusion, title):
     """The confusion matrix normalised per true class (rows sum to 1), with per-class accuracy."""
     from matplotlib.figure import Figure
 
@@ -518,10 +540,10 @@ def plot_confusion(confusion, title, path):
     ax.set_yticks(range(10), [f"{name} ({rates[i, i]:.1%})" for i, name in enumerate(CLASSES)])
     ax.set(xlabel="predicted class", ylabel="true class (per-class accuracy)", title=title)
     fig.tight_layout()
-    save_figure(fig, path)
+    return fig
 
 
-def plot_misclassified(images, labels, logits, path, count=24):
+def plot_misclassified(images, labels, logits, count=24):
     """A grid of the test images the model was most confident about and got wrong."""
     from matplotlib.figure import Figure
 
@@ -538,14 +560,7 @@ def plot_misclassified(images, labels, logits, path, count=24):
         ax.axis("off")
     fig.suptitle(f"{len(wrong)} most confident mistakes of {int((predicted != labels).sum())}")
     fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig, path):
-    """The figure written as every output is (atomic_write): a link planted at path is replaced, never followed."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png")
-    atomic_write(path, buffer.getvalue())
+    return fig
 
 
 def show_plots(folder):

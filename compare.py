@@ -390,49 +390,46 @@ def curve(records):
     return {e: statistics.mean(c[e] for c in curves) for e in epochs}
 
 
-def plot(groups, names, path, reference=0, legend_entries=10):
+def plot(groups, names, reference=0, legend_entries=10):
     """Per-epoch validation accuracy of each group: the mean over its seeds, and a band from min to max; the
     legend names the first `legend_entries` groups, the reference among them (more do not fit beside the
     plot; the table lists them all)."""
     import warnings
 
-    from matplotlib import rc_context
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    with rc_context({"text.usetex": False}):  # a "$" or "_" in a name is text, not TeX
-        fig = Figure(figsize=(11, 5), dpi=100)
-        ax = fig.add_subplot()
-        named = set(range(legend_entries))
-        if reference not in named:
-            named = set(range(legend_entries - 1)) | {reference}
-        for index, group in enumerate(groups):
-            curves = [curve(records) for records in group.seeds.values()]
-            epochs = sorted(set.intersection(*(set(c) for c in curves)))
-            if not epochs:
-                continue
-            values = [[c[e] for c in curves] for e in epochs]
-            line = ax.plot(epochs, [statistics.mean(v) for v in values], "o-", markersize=3)[0]
-            if index in named:
-                text = f"{label(index)}: {describe(group, names)}, n={len(group.seeds)}"
-                line.set_label(textwrap.fill(text, 40, subsequent_indent="    "))
-            if len(curves) > 1:
-                ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation accuracy per epoch (%)")
-        ax.set_title("groups as in the table; band: min to max over seeds")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            box = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-            for text in box.get_texts():
-                text.set_parse_math(False)  # a script name or setting from a record is never mathtext
-            if len(groups) > len(named):
-                box.set_title(f"{len(box.get_texts())} of {len(groups)} groups; all in the table", prop={"size": 8})
-        with warnings.catch_warnings():  # decorations too large to fit: tight_layout keeps the layout, and warns
-            warnings.simplefilter("ignore", UserWarning)
-            fig.tight_layout()
-        common.save_figure(fig, path)
+    fig = Figure(figsize=(11, 5), dpi=100)
+    ax = fig.add_subplot()
+    named = set(range(legend_entries))
+    if reference not in named:
+        named = set(range(legend_entries - 1)) | {reference}
+    for index, group in enumerate(groups):
+        curves = [curve(records) for records in group.seeds.values()]
+        epochs = sorted(set.intersection(*(set(c) for c in curves)))
+        if not epochs:
+            continue
+        values = [[c[e] for c in curves] for e in epochs]
+        line = ax.plot(epochs, [statistics.mean(v) for v in values], "o-", markersize=3)[0]
+        if index in named:
+            text = f"{label(index)}: {describe(group, names)}, n={len(group.seeds)}"
+            line.set_label(textwrap.fill(text, 40, subsequent_indent="    "))
+        if len(curves) > 1:
+            ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy per epoch (%)")
+    ax.set_title("groups as in the table; band: min to max over seeds")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        box = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+        for text in box.get_texts():
+            text.set_parse_math(False)  # a script name or setting from a record is never mathtext
+        if len(groups) > len(named):
+            box.set_title(f"{len(box.get_texts())} of {len(groups)} groups; all in the table", prop={"size": 8})
+    with warnings.catch_warnings():  # decorations too large to fit: tight_layout keeps the layout, and warns
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     return fig
 
 
@@ -483,9 +480,9 @@ def main(argv=None):
     if unfinished:
         print(f"not completed, so not in the table: {', '.join(unfinished)}")
     try:
-        plot(groups, names, out_dir / "compare.png", reference)
-    except OSError as error:
-        print(f"compare.png not saved: cannot write in {out_dir} ({error.strerror})", file=sys.stderr)
+        common.draw(plot, out_dir / "compare.png", groups, names, reference)
+    except plumbing.UserError as error:  # the table above stands
+        print(f"compare.py: {error}", file=sys.stderr)
     else:
         print(f"validation curves: {out_dir / 'compare.png'}")
     return groups

@@ -17,16 +17,17 @@ import os
 import sys
 from pathlib import Path
 
+import common
+import plumbing
+from plumbing import photos, reading
+from plumbing.photos import shown
+
 import numpy as np
 import torch
 
 import ann
 import cnn
-import common
-import plumbing
 import resnet_transfer
-from plumbing import photos, reading
-from plumbing.photos import shown
 
 # --- Settings: each one is also a flag (OUT -> --out).
 OUT = ""  # the figure: a .png, .pdf or .svg file ("" = predictions.png in the run folder)
@@ -128,7 +129,7 @@ def finite(logits, run_dir):
     return logits
 
 
-def plot_predictions(paths, images, probabilities, path):
+def plot_predictions(paths, images, probabilities):
     """For each image: the 28x28 input the model saw, and a bar chart of the ten class probabilities."""
     from matplotlib.figure import Figure
 
@@ -146,7 +147,7 @@ def plot_predictions(paths, images, probabilities, path):
         ax.set_xlim(0, 100)
         ax.set_xlabel("probability (%)", fontsize=8)
     fig.tight_layout()
-    common.save_figure(fig, path)
+    return fig
 
 
 def input_images(names, out):
@@ -204,9 +205,9 @@ def main(argv=None):
     if good:
         drawn = min(len(good), hp.figure_images)
         try:
-            plot_predictions(good[:drawn], images[:drawn], probabilities[:drawn], out)
-        except OSError as error:
-            raise plumbing.UserError(f"--out {shown(out)}: cannot write the figure ({error.strerror})") from None
+            common.draw(plot_predictions, out, good[:drawn], images[:drawn], probabilities[:drawn])
+        except plumbing.UserError as error:  # the answers above stand
+            raise plumbing.UserError(f"--out {shown(out)}: {error}") from None
         print(f"figure: {shown(out)}" + (f" (the first {drawn} of {len(good)} images)" if drawn < len(good) else ""))
     if len(good) < len(paths):
         raise plumbing.UserError(f"{len(paths) - len(good)} of {len(paths)} images could not be used (named above)")

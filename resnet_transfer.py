@@ -10,15 +10,15 @@ import re
 import sys
 from pathlib import Path
 
+import common  # first: then a Ctrl-C while torch loads ends in one line
+import plumbing
+from plumbing import reading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
-
-import common
-import plumbing
-from plumbing import reading
 
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python resnet_transfer.py --help` lists them.
 BACKBONE = "resnet50"  # resnet18 or resnet34 (512 features) or resnet50 (2048 features)

@@ -26,12 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
+import plumbing  # noqa: E402
+
 import torch  # noqa: E402
 
 import ann  # noqa: E402
 import cnn  # noqa: E402
-import common  # noqa: E402
-import plumbing  # noqa: E402
 
 SCRIPTS = {"ann": ann, "cnn": cnn}
 # Each technique of the recipes switched off (or a tempting alternative switched on): the flags that do it.

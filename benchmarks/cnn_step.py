@@ -16,12 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402
+import plumbing  # noqa: E402
+
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import cnn  # noqa: E402
-import common  # noqa: E402
-import plumbing  # noqa: E402
 
 
 class AmaxPool(nn.Module):

@@ -22,15 +22,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
+import plumbing  # noqa: E402
+from plumbing.photos import prepare_photo  # noqa: E402
+
 import torch  # noqa: E402
 from accuracy import machine, measured_on  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import common  # noqa: E402
 import compare  # noqa: E402
-import plumbing  # noqa: E402
 import predict  # noqa: E402
-from plumbing.photos import prepare_photo  # noqa: E402
 
 FOOTWEAR = [5, 7, 9]  # sandal, sneaker, ankle boot
 COLUMNS = {  # what each column measures: (images, labels) from the test images x, their photos and labels y

@@ -27,13 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
+import plumbing  # noqa: E402
+
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import ann  # noqa: E402
 import cnn  # noqa: E402
-import common  # noqa: E402
-import plumbing  # noqa: E402
 import resnet_transfer  # noqa: E402
 
 SHORT = ["--subset", "10000", "--val-size", "1000", "--epochs", "3"]

@@ -26,15 +26,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
+import plumbing  # noqa: E402
+from plumbing.photos import photo_problem, prepare_photo  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accuracy import machine, measured_on  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
-import common  # noqa: E402
-import plumbing  # noqa: E402
 import predict  # noqa: E402
-from plumbing.photos import photo_problem, prepare_photo  # noqa: E402
 
 SEED = 27  # the photos are the same on every run of the benchmark
 # Each condition's settings for photo(); a pair (low, high) is drawn uniformly per image, a list chosen from.

@@ -32,14 +32,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
+import plumbing  # noqa: E402
+
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from accuracy import machine, measured_on  # noqa: E402
 
 import ann  # noqa: E402
 import cnn  # noqa: E402
-import common  # noqa: E402
-import plumbing  # noqa: E402
 import resnet_transfer  # noqa: E402
 
 SCRIPTS = {"ann": ann, "cnn": cnn}

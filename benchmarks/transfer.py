@@ -26,12 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
+import plumbing  # noqa: E402
+
 import standin  # noqa: E402
 import torch  # noqa: E402
 from accuracy import machine, measured_on, save  # noqa: E402
 
-import common  # noqa: E402
-import plumbing  # noqa: E402
 import resnet_transfer  # noqa: E402
 
 QUICK = ["--subset", "300", "--val-size", "60", "--epochs", "1", "--batch-size", "60"]

@@ -23,9 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
 HERE = Path(__file__).resolve().parents[1]  # the project's folder: runs/ and data/ are found beside the scripts
 
 
@@ -79,7 +76,7 @@ SETTINGS = {
     "WEIGHT_DECAY": (float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "WARMUP": (float, lambda v: 0 < v < 1, "a number in (0, 1)"),
     "DROPOUT": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "FC_WIDTH": (int, lambda v: v >= 1, "an integer >= 1"),
+    "FC_WIDTH": (int, lambda v: 1 <= v <= 2**16, "an integer in [1, 65536]"),
     "LABEL_SMOOTHING": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "EMA_DECAY": (float, lambda v: 0 <= v < 1, "a number in [0, 1) (0 turns EMA off)"),
     "MAX_SHIFT": (int, lambda v: 0 <= v <= 8, "an integer in [0, 8] (pixels)"),
@@ -322,7 +319,9 @@ def _read_verified(path, name, identity):
         )
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+    import torch  # imported where used: this module is imported before torch (a Ctrl-C while it loads, above)
+
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,6 +353,8 @@ def atomic_write(path, data):
 
 def save_tensors(path, tensors):
     """A dict of tensors (and strings), saved atomically in torch's format: no pickle needed to load it."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in tensors.items()}, buffer)
     atomic_write(path, buffer.getvalue())
@@ -413,22 +414,51 @@ def _stop(signum, frame):
     raise Stopped(signum)
 
 
+def stopped_line(signum):
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
+def _quiet_exit(signum, frame):
+    """A stop while the program loads (torch takes seconds) or after its work is done: there is nothing to keep,
+    so one line and the usual exit code, at once (an exception here could land inside torch's C++ start-up)."""
+    os.write(2, f"{Path(sys.argv[0]).name}: {stopped_line(signum)}\n".encode())
+    os._exit(128 + signum)
+
+
+def _program_is_ours():
+    """Whether the program running is one of the project's scripts, tools or benchmarks: not the test suite, nor a
+    program of the user's that imports a script (its Ctrl-C stays its own)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main is not None and Path(main).resolve().parent in (HERE, HERE / "benchmarks")
+
+
+if _program_is_ours():  # plumbing is imported before torch: from here on, a stop is one line
+    for _signal in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(_signal, _quiet_exit)
+
+
 @contextlib.contextmanager
-def signals_ignored():
-    """Ctrl-C and the stop signals are ignored inside the block, so a second one cannot cut a record short."""
-    handled = [signal.SIGINT, *STOP_SIGNALS]
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in handled}
+def signals_deferred():
+    """Ctrl-C and the stop signals wait until the block ends: what it writes together (an epoch's weights and the
+    record that names them) is never cut in two. One that came meanwhile is raised as the block ends."""
+    received, handled = [], [signal.SIGINT, *STOP_SIGNALS]
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in handled}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def _out_of_memory(error):
-    text = str(error)
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+    text, torch = str(error), sys.modules.get("torch")
+    return (
+        isinstance(error, MemoryError)
+        or torch is not None
+        and isinstance(error, torch.OutOfMemoryError)
+        or (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()))
     )
 
 
@@ -471,7 +501,7 @@ def run_main(main, argv=None):
         print(f"{script}: error: the loss became NaN or infinite ({error}); try a smaller --lr", file=sys.stderr)
         return 1
     except Stopped as stop:
-        print(f"{script}: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        print(f"{script}: {stopped_line(stop.signum)}", file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"{script}: interrupted", file=sys.stderr)
@@ -492,6 +522,8 @@ def run_main(main, argv=None):
         print(f"{script}: error: out of memory ({reason}); {_memory_advice(main)}", file=sys.stderr)
         return 2
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, handler in previous.items():  # the program's own: after its work a stop ends it quietly
+            signal.signal(
+                s, _quiet_exit if getattr(main, "__module__", "") == "__main__" and _program_is_ours() else handler
+            )
     return 0

@@ -10,10 +10,10 @@ import struct
 import warnings
 from pathlib import Path
 
+from plumbing import UserError
+
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from plumbing import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 # Pillow picks its reader from a file's content, not its name: a PostScript file named shirt.png would go to

@@ -13,22 +13,24 @@ import sys
 import warnings
 import zipfile
 
-import torch
-
 from plumbing import SETTINGS, UserError, _has_type
+
+import torch
 
 RECORD_LIMIT = 2**24  # bytes: a record of ten thousand epochs takes about 2 MB
 
 
 def read_file(path, what, limit):
     """The bytes of a file a user handed us (a record, weights, a cache), refused in one line naming `what`
-    unless it is a regular file of at most `limit` bytes: a FIFO would hang, /dev/zero never end."""
+    unless it is a regular file of at most `limit` bytes: a FIFO would hang, /dev/zero never end. Only the file's
+    own size is read (and a byte more, should it grow meanwhile), however large the limit."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not wait for a writer
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
                 raise UserError(f"{what} {path}: not a regular file (a folder, pipe or device), so not read")
-            data = f.read(limit + 1)
+            data = f.read(min(info.st_size, limit) + 1)
     except OSError as error:
         raise UserError(f"{what} {path}: cannot read it ({error.strerror})") from None
     if len(data) > limit:
@@ -72,9 +74,15 @@ def load_tensors(path, what, limit):
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     tensors = {k: v for k, v in state.items() if torch.is_tensor(v)} if isinstance(state, dict) else {}
-    if not tensors:
-        raise UserError(f"{what} {path}: holds no state dict (a dict of parameter names to tensors)")
+    if not tensors or not all(isinstance(name, str) for name in tensors):
+        raise UserError(f"{what} {path}: holds no state dict (a dict of parameter names, text, to tensors)")
     return tensors
+
+
+# The types weights may come in (copied into the model's own as they are loaded): no complex numbers, 8-bit floats,
+# quantized or sparse tensors, which the checks below and load_state_dict cannot take.
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def state_bytes(model):
@@ -99,6 +107,12 @@ def check_state_dict(state, model, what, name):
                 f"{tuple(tensor.shape)}: the weights come from a model of other sizes)"
             )
         value = state[key]
+        kinds = FLOATS if tensor.is_floating_point() else INTEGERS
+        if value.layout != torch.strided or value.dtype not in kinds:
+            raise UserError(
+                f"{what}: {key} is a {str(value.dtype).removeprefix('torch.')} tensor ({value.layout}) where {name} "
+                f"has {str(tensor.dtype).removeprefix('torch.')}: the weights are damaged or of another kind"
+            )
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise UserError(f"{what}: {key} holds NaN or infinite values: the weights are damaged")
         if key.endswith("running_var") and (value < 0).any():

@@ -19,12 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
+import plumbing  # noqa: E402
+
 import ann  # noqa: E402
 import cnn  # noqa: E402
-import common  # noqa: E402
-import compare  # noqa: E402
-import plumbing  # noqa: E402
-import predict  # noqa: E402
 import resnet_transfer as rt  # noqa: E402
 
 # A run of a few seconds: 1,000 training images, 200 for validation, 10 batches, one epoch.
@@ -113,6 +112,4 @@ def run_copy(runs, tmp_path):
 def no_figures(request, monkeypatch):
     """Figures are drawn only in the tests marked `figures`: elsewhere drawing them would take most of the time."""
     if "figures" not in request.keywords:
-        monkeypatch.setattr(common.Run, "draw", lambda self, plot, name, *args: None)
-        monkeypatch.setattr(predict, "plot_predictions", lambda paths, images, probabilities, path: None)
-        monkeypatch.setattr(compare, "plot", lambda groups, names, path, reference=0: None)
+        monkeypatch.setattr(common, "draw", lambda plot, path, *args: None)

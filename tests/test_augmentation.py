@@ -1,8 +1,8 @@
 """Augmentation: the random flips and shifts of training images, and the views test-time augmentation averages."""
 
-import torch
-
 import common
+
+import torch
 
 
 def test_flip_and_shift_move_pixels_without_changing_them():

@@ -12,9 +12,10 @@ import subprocess
 import sys
 import time
 
+import common
+
 import pytest
 
-import common
 from conftest import ROOT, one_line, run_cli
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -17,12 +17,13 @@ import subprocess
 import sys
 import time
 
+import common
+import plumbing
+
 import pytest
 import torch
 
 import ann
-import common
-import plumbing
 from conftest import ROOT, SMALL, one_line, run_cli
 
 

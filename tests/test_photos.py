@@ -2,15 +2,16 @@
 
 import sys
 
+import common
+from plumbing import photos
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import common
 import predict
 from conftest import ROOT, run_cli
-from plumbing import photos
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import photos as photos_benchmark  # noqa: E402

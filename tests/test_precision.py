@@ -7,13 +7,14 @@ MPS gets fp32. The tests whose names end in `_on_cuda` need a real GPU: `benchma
 
 import json
 
+import common
+
 import pytest
 import torch
 import torch.nn as nn
 
 import ann
 import cnn
-import common
 from conftest import SMALL, run_cli
 
 CUDA = torch.device("cuda")

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import threading
 
+import common
+
 import numpy as np
 import pytest
 import torch
 from PIL import EpsImagePlugin, Image, PngImagePlugin
 
 import ann
-import common
 import predict
 from conftest import ROOT, TRAIN, one_line, run_cli
 
@@ -133,6 +134,9 @@ def set_record(**changes):
         (set_record(normalization=None), "normalisation"),
         (set_record(status="interrupted", model_pt=None), "status is 'interrupted' and it saved no weights"),
         (set_record(script="mlp"), "not the record of a run"),
+        (set_record(script=["cnn"]), "not the record of a run"),
+        (set_record(final=5), "no final test accuracy"),
+        (set_record(final={"test_acc": "high"}), "no final test accuracy"),
         (lambda f: (f / "model.pt").unlink(), "model.pt: cannot read it"),
         (lambda f: (f / "model.pt").write_bytes(b"PK\x03\x04 cut"), "model.pt: not a file written by torch.save"),
         (
@@ -149,11 +153,47 @@ def test_a_run_folder_that_is_not_a_completed_run_is_one_line(change, words, run
     assert code == 2 and len(err) == 1 and words in err[0] and "Traceback" not in err[0]
 
 
-def test_a_stopped_run_is_used_with_the_weights_of_its_last_epoch_and_says_so(runs, tmp_path, capsys):
-    stopped = set_record(status="interrupted", final=None, model_pt="weights after epoch 1")
+@pytest.mark.parametrize("final", [None, {"val_acc": 0.5}, 5])  # no final accuracies, or a hand-edited one
+def test_a_stopped_run_is_used_with_the_weights_of_its_last_epoch_and_says_so(final, runs, tmp_path, capsys):
+    stopped = set_record(status="interrupted", final=final, model_pt="weights after epoch 1")
     folder = broken(runs["ann"], tmp_path, stopped)
+    code = common.run_main(predict.main, [str(folder), "--test"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "the run recorded none: it did not end" in out
+    one_line(err.strip().splitlines(), "'interrupted'", "weights after epoch 1")
+
+
+def damaged_weights(change):
+    """A change to model.pt for broken(): change(state) is saved in its place."""
+
+    def damage(folder):
+        state = torch.load(folder / "model.pt", weights_only=True)
+        torch.save(change(state), folder / "model.pt")
+
+    return damage
+
+
+def with_tensor(key, make):
+    return damaged_weights(lambda state: {**state, key: make(state[key])})
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (with_tensor("features.2.running_var", lambda t: t.to(torch.complex64)), "complex64"),
+        (with_tensor("features.2.running_var", lambda t: t.to(torch.float8_e4m3fn)), "float8_e4m3fn"),
+        (with_tensor("features.0.weight", lambda t: torch.quantize_per_tensor(t, 0.01, 0, torch.qint8)), "qint8"),
+        (with_tensor("features.0.weight", lambda t: t.to_sparse()), "sparse"),
+        (damaged_weights(lambda state: {**state, 7: torch.zeros(1)}), "holds no state dict"),
+    ],
+    ids=["complex", "float8", "qint8", "sparse", "a key that is a number"],
+)
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")  # deprecated, but a file may still hold one
+def test_weights_of_a_type_no_check_can_take_are_refused_in_one_line(change, words, runs, tmp_path, capsys):
+    folder = broken(runs["cnn"], tmp_path, change)
     code, err = run_cli(predict, [str(folder), "--test"], capsys)
-    assert code == 0 and len(err) == 1 and "'interrupted'" in err[0] and "weights after epoch 1" in err[0]
+    assert code == 2
+    one_line(err, "model.pt", words)
 
 
 @pytest.mark.figures
@@ -310,6 +350,8 @@ def set_setting(name, value=None, section="hparams"):
         ("cnn", set_setting("TTA_SHIFT", "a"), "TTA_SHIFT = 'a' is not allowed"),
         ("cnn", set_setting("TTA_FLIP"), "TTA_FLIP is missing"),
         ("rt", set_setting("IMAGE_SIZE", -1), "IMAGE_SIZE = -1 is not allowed"),
+        ("rt", set_setting("IMAGE_SIZE", "auto"), "IMAGE_SIZE = 'auto' is not allowed"),  # a record holds what ran
+        ("cnn", set_setting("FC_WIDTH", 10**9), "FC_WIDTH = 1000000000 is not allowed"),
         ("rt", set_setting("SEED", "x"), "SEED = 'x' is not allowed"),
         ("rt", set_setting("WEIGHTS", 5), "WEIGHTS = 5 is not allowed"),
         ("ann", set_setting("std", 0, section="normalization"), "normalization.std = 0"),
@@ -377,10 +419,12 @@ def test_the_figure_and_the_mistakes_grid_show_images_alike(test_images, tmp_pat
 
     monkeypatch.setattr(Axes, "imshow", recording)
     images = test_images[:4]
-    predict.plot_predictions([f"{i}.png" for i in range(4)], images, torch.full((4, 10), 0.1), tmp_path / "p.png")
+    common.draw(
+        predict.plot_predictions, tmp_path / "p.png", [f"{i}.png" for i in range(4)], images, torch.full((4, 10), 0.1)
+    )
     logits = torch.zeros(4, 10)
     logits[:, 0] = 5  # all four called class 0, and all four labelled 1: four mistakes
-    common.plot_misclassified(images, torch.ones(4, dtype=torch.long), logits, tmp_path / "m.png")
+    common.draw(common.plot_misclassified, tmp_path / "m.png", images, torch.ones(4, dtype=torch.long), logits)
     assert len(styles) == 8 and set(styles) == {("gray", (0, 255))}, styles
 
 

@@ -6,9 +6,11 @@ Bad settings are in test_settings.py, bad data files and folders in test_data.py
 given to predict.py in test_predict.py.
 """
 
+import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -16,14 +18,16 @@ import time
 import types
 from pathlib import Path
 
+import common
+import plumbing
+from plumbing import reading
+
 import pytest
 import torch
 
 import ann
 import cnn
-import common
 import compare
-import plumbing
 import predict
 import resnet_transfer as rt
 from conftest import ROOT, SMALL, TINY_RT, one_line, run_cli
@@ -110,11 +114,32 @@ def test_divergence_stops_with_status_diverged(real_data_dir, out_dir, capsys):
     assert record["status"] == "diverged" and record["final"] is None
 
 
-def test_a_model_too_large_for_memory_is_one_line_and_leaves_no_folder(real_data_dir, tmp_path, capsys):
-    code, err = run_cli(cnn, SMALL + ["--fc-width", "1000000000", "--out-dir", str(tmp_path)], capsys)
-    assert code == 2
-    one_line(err, "out of memory")
+def test_a_model_too_large_for_memory_is_one_line_and_leaves_no_folder(real_data_dir, tmp_path):
+    """The widest layer FC_WIDTH allows (820 MB of weights), where the process may take 1.5 GB (a real limit)."""
+    done = subprocess.run(
+        [sys.executable, "cnn.py", *SMALL, "--fc-width", "65536", "--out-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (1_500_000_000, 1_500_000_000)),
+    )
+    assert done.returncode == 2
+    one_line(done.stderr.strip().splitlines(), "out of memory", "--fc-width")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv", [["--fc-width", "1000000000000000"], ["--fc-width", "1000000000"]])
+def test_a_width_no_memory_holds_is_refused_as_a_setting(argv, capsys):
+    """Once a storage-size overflow deep in torch (exit 1), and a MemoryError for a 1.7 MB model.pt in predict.py."""
+    code, err = run_cli(cnn, argv, capsys)
+    assert code == 2
+    one_line(err, "--fc-width", "is not allowed", "65536")
+
+
+def test_a_file_is_read_to_its_size_whatever_the_limit(tmp_path):
+    """A 10-byte file under a limit of 10**13 bytes: reading it once allocated the whole limit (MemoryError)."""
+    (tmp_path / "small").write_bytes(b"0123456789")
+    assert reading.read_file(tmp_path / "small", "file", 10**13) == b"0123456789"
 
 
 @pytest.mark.parametrize("script", [ann, cnn, rt, predict, compare])
@@ -439,3 +464,133 @@ def test_an_empty_memory_error_is_still_one_line(capsys):
     code, err = run_cli(types.SimpleNamespace(main=main), [], capsys)
     assert code == 2
     one_line(err, "out of memory (MemoryError)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stops while the program loads, and after its work is done
+
+
+SCRIPTS = ["ann.py", "cnn.py", "resnet_transfer.py", "predict.py", "compare.py", "benchmarks/speed.py"]
+
+
+@pytest.mark.parametrize(
+    "script, stop",
+    [*[(script, signal.SIGINT) for script in SCRIPTS], ("cnn.py", signal.SIGTERM), ("predict.py", signal.SIGHUP)],
+)
+def test_a_stop_while_torch_loads_is_one_line(script, stop, tmp_path):
+    """A stand-in torch package receives the signal as it is imported, as a Ctrl-C in the first seconds does: one
+    line and the signal's exit code, no KeyboardInterrupt traceback (nor a C++ abort from inside torch)."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        f"import os, time\nos.kill(os.getpid(), {int(stop)})\ntime.sleep(30)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+    name = Path(script).name
+    words = "interrupted" if stop == signal.SIGINT else f"stopped by {signal.Signals(stop).name}"
+    assert done.returncode == 128 + stop and done.stderr == f"{name}: {words}\n"
+
+
+def test_a_stop_after_the_last_line_is_one_line_not_an_ignored_exception(tmp_path):
+    """Ctrl-C as the program shuts down, after its output (here from an atexit hook, as the last thing to run):
+    Python printed 'Exception ignored in atexit callback ... KeyboardInterrupt' and exited 0."""
+    hook = "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(30)))"
+    (tmp_path / "sitecustomize.py").write_text(f"import atexit, os, signal, time\n{hook}\n")
+    (tmp_path / "runs").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    argv = [sys.executable, "compare.py", "--out-dir", str(tmp_path / "runs")]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.stdout.startswith("no completed runs")
+    assert done.returncode == 130 and done.stderr == "compare.py: interrupted\n"
+
+
+def test_a_stop_while_the_weights_are_renamed_keeps_the_record_true_to_them(real_data_dir, tmp_path):
+    """A slow disk, stood in for by a rename of model.pt that takes 3 s to come back: SIGTERM then. The record was
+    written after the weights, so it named no weights while model.pt held epoch 1's."""
+    slow = (
+        "import os, runpy, sys, time\n"
+        "replace = os.replace\n"
+        "os.replace = lambda a, b: (replace(a, b), time.sleep(3) if str(b).endswith('model.pt') else None)[0]\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path('ann.py', run_name='__main__')\n"
+    )
+    out = tmp_path / "runs"
+    argv = [sys.executable, "-c", slow, "ann.py", *SMALL, "--epochs", "3", "--out-dir", str(out)]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*/model.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # model.pt is in place; the record is not written yet
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in err
+    (metrics,) = out.glob("*/metrics.json")
+    record = json.loads(metrics.read_text())
+    assert record["status"] == "interrupted" and len(record["history"]) == 1
+    assert record["model_pt"] == "weights after epoch 1"
+
+
+# ----------------------------------------------------------------------------------------------
+# A completed run whose final weights could not be written, a run that diverges in evaluation
+
+
+def test_final_weights_the_disk_refused_are_said_wherever_the_run_is_used(real_data_dir, tmp_path):
+    """The file-size limit is lowered (prlimit, as an administrator or a full disk would) once epoch 1's weights are
+    written: the run completes with epoch 1's weights, and predict.py says so instead of silently using them."""
+    out = tmp_path / "runs"
+    argv = [sys.executable, "cnn.py", "--subset", "6000", "--val-size", "1000", "--epochs", "4", "--out-dir", str(out)]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, record = time.monotonic() + 120, {}
+    while time.monotonic() < deadline and not record.get("history"):
+        time.sleep(0.02)
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            record = json.loads(next(out.glob("*/metrics.json")).read_text())
+    resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (200_000, 200_000))  # model.pt takes 1.7 MB
+    _, err = process.communicate(timeout=300)
+    record = json.loads(next(out.glob("*/metrics.json")).read_text())
+    epoch = int(record["model_pt"].split()[-1])
+    assert process.returncode == 2 and "File too large" in err and "accuracies are recorded" in err
+    assert record["status"] == "completed" and epoch < len(record["history"]) == 4
+    run = next(out.iterdir())
+    done = subprocess.run([sys.executable, "predict.py", str(run), "--test"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0
+    one_line(done.stderr.strip().splitlines(), "final weights could not be saved", f"weights after epoch {epoch}")
+    assert "with its final weights, which were not saved" in done.stdout
+
+
+def test_a_run_that_diverges_in_evaluation_ends_diverged_and_its_record_is_json(real_data_dir, tmp_path, capsys):
+    """Weights near 1e18 and a training loss of 8e21 are finite; the evaluation's outputs overflow to NaN."""
+    argv = ["--lr", "1000", "--subset", "1024", "--val-size", "512", "--batch-size", "512", "--epochs", "3"]
+    code, err = run_cli(cnn, argv + ["--out-dir", str(tmp_path)], capsys)
+    assert code == 1 and "NaN or infinite" in err[-1]
+    (metrics,) = tmp_path.glob("*/metrics.json")
+
+    def not_json(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    record = json.loads(metrics.read_text(), parse_constant=not_json)  # NaN, Infinity: not JSON for other tools
+    assert record["status"] == "diverged" and record["final"] is None
+    capsys.readouterr()
+    assert common.run_main(compare.main, ["--out-dir", str(tmp_path)]) == 0
+    assert "no completed runs" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# A matplotlibrc that asks for TeX
+
+
+@pytest.mark.figures
+def test_figures_are_drawn_whatever_a_matplotlibrc_asks(run_copy, tmp_path, monkeypatch, capsys):
+    """text.usetex: True, as a matplotlibrc (from $MATPLOTLIBRC, ./matplotlibrc or ~/.config/matplotlib) sets it:
+    it needs LaTeX, which few machines have. predict.py printed its answers, then a traceback."""
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)
+    run = run_copy("ann")
+    from PIL import Image
+
+    Image.new("L", (28, 28), 0).save(tmp_path / "black.png")
+    assert run_cli(predict, [str(run), str(tmp_path / "black.png"), "--raw"], capsys) == (0, [])
+    assert run_cli(compare, ["--out-dir", str(run.parent)], capsys) == (0, [])
+    assert run_cli(ann, SMALL + ["--out-dir", str(tmp_path / "new")], capsys) == (0, [])
+    for figure in (run / "predictions.png", run.parent / "compare.png", *(tmp_path / "new").glob("*/curves.png")):
+        assert figure.read_bytes()[:4] == b"\x89PNG", figure

@@ -9,13 +9,14 @@ import json
 import re
 import sys
 
+import common
+
 import pytest
 import torch
 import torch.nn as nn
 
 import ann
 import cnn
-import common
 from conftest import SMALL, TRAIN, png_size, settings
 
 

@@ -8,13 +8,14 @@ import importlib
 import json
 from pathlib import Path
 
+import common
+import plumbing
+
 import pytest
 import torch
 
 import ann
 import cnn
-import common
-import plumbing
 from conftest import ROOT, SMALL, one_line, run_cli
 
 # ----------------------------------------------------------------------------------------------

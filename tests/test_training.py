@@ -5,6 +5,8 @@ one image). What a finished run writes is in test_runs.py; precision and the los
 
 import json
 
+import common
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,7 +14,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ann
 import cnn
-import common
 import resnet_transfer
 from conftest import SMALL, run_cli
 

@@ -8,12 +8,13 @@ import pickle
 import sys
 import urllib.error
 
+import common
+import plumbing
+
 import pytest
 import torch
 import torchvision
 
-import common
-import plumbing
 import resnet_transfer as rt
 from conftest import ROOT, one_line, run_cli
 
@@ -216,6 +217,7 @@ def bad_weight_files(tmp_path):
     resnet18, resnet34 = torchvision.models.resnet18(), torchvision.models.resnet34()
     ten_classes = resnet18.state_dict()
     ten_classes["fc.weight"], ten_classes["fc.bias"] = torch.zeros(10, 512), torch.zeros(10)
+    complex_var = resnet18.bn1.running_var.to(torch.complex64)
     RunsCode.marker = tmp_path / "code-ran"
     files = {
         "whole-model.pt": (lambda p: torch.save(resnet18, p), "pickled Python objects"),
@@ -226,6 +228,7 @@ def bad_weight_files(tmp_path):
         "resnet34.pt": (lambda p: torch.save(resnet34.state_dict(), p), "the weights of another model"),
         "ten-classes.pt": (lambda p: torch.save(ten_classes, p), "fc.weight has shape (10, 512)"),
         "a-list.pt": (lambda p: torch.save([torch.zeros(1)], p), "holds no state dict"),
+        "complex.pt": (lambda p: torch.save({**resnet18.state_dict(), "bn1.running_var": complex_var}, p), "complex64"),
     }
     for name, (write, _) in files.items():
         write(tmp_path / name)
