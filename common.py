@@ -262,7 +262,8 @@ def steps_per_epoch(n, batch_size):
 
 
 def shuffled_batches(x, y, batch_size, generator, augment=None):
-    """(images, labels) batches that cover every image exactly once, in a fresh random order.
+    """(images, labels) batches that cover every image exactly once, in a fresh random order. `y` may also be a
+    tuple of tensors indexed alike (labels and a teacher's logits, say; None passes through as None).
 
     A last batch of a single image is folded into the one before: BatchNorm cannot train on one image.
     `augment(images)` transforms each batch of images.
@@ -272,7 +273,11 @@ def shuffled_batches(x, y, batch_size, generator, augment=None):
         batches[-2:] = [torch.cat(batches[-2:])]
     for idx in tqdm(batches, leave=False, disable=not sys.stdout.isatty()):
         images = x.index_select(0, idx)  # 3x faster than x[idx] on a CPU
-        yield (augment(images) if augment else images), y.index_select(0, idx)
+        if isinstance(y, tuple):
+            targets = tuple(t if t is None else t.index_select(0, idx) for t in y)
+        else:
+            targets = y.index_select(0, idx)
+        yield (augment(images) if augment else images), targets
 
 
 class Tally:

@@ -178,8 +178,11 @@ def label(index):
 
 
 def describe(group, names):
-    """The group's script and the settings that differ between groups, as flags are written (lr=0.05)."""
-    settings = " ".join(f"{n.lower()}={group.settings[n]}" for n in names if n in group.settings)
+    """The group's script and the settings that differ between groups, as flags are written (lr=0.05, teacher="")."""
+    shown = {name: group.settings[name] for name in names if name in group.settings}
+    settings = " ".join(
+        f"{name.lower()}={value}" if value != "" else f'{name.lower()}=""' for name, value in shown.items()
+    )
     return f"{group.script}, {settings}" if settings else group.script
 
 

@@ -115,9 +115,11 @@ def our_pipeline(name, n, device, tmp):
     def augment(x):
         return common.random_flip_and_shift(x, hp.max_shift, generator, hp.flip, float(x.min()))
 
+    targets, distillation = ((data.train[1], None), (1.0, 0.0)) if name == "ann" else (data.train[1], ())
+
     def epoch():
-        batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment)
-        script.train_one_epoch(model, batches, optimizer, scheduler, loss_fn, ema, amp, scaler)
+        batches = common.shuffled_batches(data.train[0], targets, hp.batch_size, generator, augment)
+        script.train_one_epoch(model, batches, optimizer, scheduler, loss_fn, ema, amp, scaler, *distillation)
 
     return epoch, precision
 
