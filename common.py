@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -427,7 +426,9 @@ class Run:
         batches = ", ".join(words for words, applies in trained.items() if applies)
         average = ", weight average" if evaluated is not model else ""
         self.legend = ("training batches" + (f" ({batches})" if batches else ""), f"validation (evaluated{average})")
+        self.views = views
         print("epoch train_loss train_acc val_loss val_acc        lr seconds")
+        print("      (train: the batches as trained; val: each image once; lr: where the epoch ends)")
         self.epoch_started = time.perf_counter()
 
     def log_epoch(self, epoch, train_loss, train_acc, val_loss, val_acc, lr):
@@ -468,7 +469,9 @@ class Run:
         accuracies = " ".join(
             f"{k}={'n/a' if final[k] is None else f'{final[k]:.2%}'}" for k in ("train_acc", "val_acc", "test_acc")
         )
-        print(f"{self.script}: {accuracies} seconds={final['seconds']:.1f}", flush=True)
+        sampled = self.record["split_sizes"]["train"] > TRAIN_SAMPLE
+        how = (f"train: a sample of {TRAIN_SAMPLE:,}; " if sampled else "") + f"{self.views} view(s) of each image"
+        print(f"{self.script}: {accuracies} seconds={final['seconds']:.1f} ({how})", flush=True)
         self.draw(plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
         self.draw(plot_confusion, "confusion.png", confusion, f"{self.script}: test confusion, rows = true class")
         for plot, name, *arguments in figures:
@@ -514,20 +517,28 @@ def plot_curves(history, labels, title):
     `labels` are (training batches, validation), from what the run did."""
     from matplotlib.figure import Figure
 
-    train_label, val_label = (textwrap.fill(label, 40) for label in labels)
     epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(10, 4.6), dpi=100)
     for i, (key, label, scale) in enumerate((("loss", "cross-entropy loss", 1), ("acc", "accuracy (%)", 100))):
         ax = fig.add_subplot(1, 2, i + 1)
-        ax.plot(epochs, [scale * h[f"train_batch_{key}"] for h in history], "o-", markersize=3, label=train_label)
+        ax.plot(epochs, [scale * h[f"train_batch_{key}"] for h in history], "o-", markersize=3, label=labels[0])
         if history[0][f"val_{key}"] is not None:
-            ax.plot(epochs, [scale * h[f"val_{key}"] for h in history], "o-", markersize=3, label=val_label)
+            ax.plot(epochs, [scale * h[f"val_{key}"] for h in history], "o-", markersize=3, label=labels[1])
         ax.set(xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right" if key == "loss" else "lower right")
+        epoch_axis(ax, epochs[-1])
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)  # below
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # the plots, above the legend: it covers no point
     return fig
+
+
+def epoch_axis(ax, last):
+    """An x axis of whole epochs: 1 to `last`, with a little room either side (one epoch is no range of 0.96-1.04)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(0.5, last + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def plot_confusion(confusion, title):
@@ -564,7 +575,7 @@ def plot_misclassified(images, labels, logits, count=24):
         ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predicted[i]]} ({confidence[i]:.0%})", fontsize=8)
         ax.axis("off")
     fig.suptitle(f"{len(wrong)} most confident mistakes of {int((predicted != labels).sum())}")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, wspace=0.15, hspace=0.55)  # titles clear of images
     return fig
 
 

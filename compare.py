@@ -310,7 +310,9 @@ def judge(groups, reference):
     verdict that left seeds out."""
     cells, left_out = [], []
     for index, group in enumerate(groups):
-        if index == reference:
+        if reference is None:  # no group has the seeds to judge by
+            cells.append("no verdict: no group has 2+ seeds")
+        elif index == reference:
             cells.append("reference")
         elif other := not_comparable(group, groups[reference]):
             cells.append(f"not comparable: other {other}")
@@ -340,7 +342,7 @@ def left_out_note(name, reference_name, comparison):
 def table(groups, reference, cells):
     """One row per group: n (seeds), validation and test accuracy, seconds per run, and its verdict cell against
     the group numbered `reference`."""
-    header = f"val acc vs {label(reference)} (95% interval)"
+    header = "val acc verdict" if reference is None else f"val acc vs {label(reference)} (95% interval)"
     rows = [("group", "script", "n", "val acc %", "test acc %", "seconds", header)]
     for index, group in enumerate(groups):
         seconds = [r["final"]["seconds"] for r in group.records if is_number(r["final"].get("seconds"))]
@@ -400,26 +402,26 @@ def plot(groups, names, reference=0, legend_entries=10):
     import warnings
 
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(11, 5), dpi=100)
     ax = fig.add_subplot()
     named = set(range(legend_entries))
-    if reference not in named:
+    if reference is not None and reference not in named:
         named = set(range(legend_entries - 1)) | {reference}
+    last = 1  # the last epoch drawn
     for index, group in enumerate(groups):
         curves = [curve(records) for records in group.seeds.values()]
         epochs = sorted(set.intersection(*(set(c) for c in curves)))
         if not epochs:
             continue
-        values = [[c[e] for c in curves] for e in epochs]
+        values, last = [[c[e] for c in curves] for e in epochs], max(last, epochs[-1])
         line = ax.plot(epochs, [statistics.mean(v) for v in values], "o-", markersize=3)[0]
         if index in named:
             text = f"{label(index)}: {describe(group, names)}, n={len(group.seeds)}"
             line.set_label(textwrap.fill(text, 40, subsequent_indent="    "))
         if len(curves) > 1:
             ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    common.epoch_axis(ax, last)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy per epoch (%)")
     ax.set_title("groups as in the table; band: min to max over seeds")
@@ -438,7 +440,8 @@ def plot(groups, names, reference=0, legend_entries=10):
 
 def pick_reference(groups, letter):
     """(number, why) of the reference: the group --reference names (A, B, ... as printed), else the first group
-    with 2+ seeds among those trained alike with the most such groups, else the first."""
+    with 2+ seeds among those trained alike with the most such groups, else none (None): one seed has no spread
+    to judge by, so a one-seed dry run is never the reference."""
     letters = [label(i) for i in range(len(groups))]
     if letter:
         if letter.upper() not in letters:
@@ -446,7 +449,7 @@ def pick_reference(groups, letter):
         return letters.index(letter.upper()), "as --reference asked"
     seeded = [index for index, group in enumerate(groups) if len(group.seeds) >= 2]
     if not seeded:
-        return 0, "the first group (none has 2+ seeds; --reference picks another)"
+        return None, "none: no group has 2+ seeds yet (run more seeds of a setting, or name one with --reference)"
     alike = {index: trained_alike(groups[index]) for index in seeded}
     most = max(seeded, key=lambda index: list(alike.values()).count(alike[index]))  # max takes the first of ties
     return most, "the first group with 2+ seeds, on the script, subset, val_size and epochs most such groups share"
@@ -476,10 +479,10 @@ def main(argv=None):
     print(table(groups, reference, cells))
     print()
     print(legend(groups, names))
-    print(wrap(f"reference {label(reference)}: {why}", indent=2))
+    print(wrap(f"reference {'' if reference is None else label(reference) + ': '}{why}", indent=2))
     for note in left_out:
         print(note)
-    print(notes(label(reference)))
+    print(notes("the reference" if reference is None else label(reference)))
     if unfinished:
         print(f"not completed, so not in the table: {', '.join(unfinished)}")
     try:

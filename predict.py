@@ -66,8 +66,9 @@ RECORD_CHECKS = {"IMAGE_SIZE": (int, lambda v: 32 <= v <= 512, "an integer in [3
 
 
 def load_images(paths, raw):
-    """(paths, uint8 images (N, 1, 28, 28)) of those that could be read; the others are named on stderr."""
-    good, images = [], []
+    """(paths, uint8 images (N, 1, 28, 28), warnings) of those that could be read, each warning saying why the
+    answer for its image may mean nothing (or None); the others are named on stderr."""
+    good, images, warnings = [], [], []
     for path in paths:
         image, problem = photos.read_image(path)
         if image is not None and raw and image.size != (28, 28):
@@ -75,13 +76,12 @@ def load_images(paths, raw):
         if problem:
             print(f"{shown(path)}: {problem}", file=sys.stderr)
             continue
-        array = photos.grey_levels(image).round().astype(np.uint8) if raw else photos.prepare_photo(image)
-        warning = None if raw else photos.photo_problem(image)
-        if warning:  # the model still answers with one of its ten classes: say that the answer may mean nothing
-            print(f"{shown(path)}: warning: {warning}", file=sys.stderr)
+        array, warning = (photos.grey_levels(image).round().astype(np.uint8), None) if raw else photos.prepare(image)
         good.append(path)
         images.append(torch.from_numpy(array))
-    return good, torch.stack(images).unsqueeze(1) if images else torch.zeros(0, 1, 28, 28, dtype=torch.uint8)
+        warnings.append(warning)
+    images = torch.stack(images).unsqueeze(1) if images else torch.zeros(0, 1, 28, 28, dtype=torch.uint8)
+    return good, images, warnings
 
 
 def load_run(run_dir):
@@ -155,7 +155,9 @@ def input_images(names, out):
     figure) is none of them."""
     if not names:
         raise plumbing.UserError("no images given: python predict.py RUN_DIR IMAGE... (files or folders), or --test")
-    paths = photos.image_paths(names)
+    paths, skipped = photos.image_paths(names)
+    for line in skipped:
+        print(line, file=sys.stderr)
     if not paths:
         raise plumbing.UserError(f"no PNG, JPEG, BMP or WebP files in {' '.join(map(shown, names))}")
     if any(same_file(out, path) for path in paths):
@@ -197,11 +199,13 @@ def main(argv=None):
             recorded += "" if run.final_weights else ", with its final weights, which were not saved"
         print(f"test accuracy on {images}: {accuracy:.2%} ({recorded})")
         return accuracy
-    good, images = load_images(paths, hp.raw)
+    good, images, warnings = load_images(paths, hp.raw)
     probabilities = model(images.to(device)).softmax(1).cpu() if good else None
-    for path, p in zip(good, probabilities if good else [], strict=True):
+    for path, p, warning in zip(good, probabilities if good else [], warnings, strict=True):
         top = p.argsort(descending=True)[:3].tolist()
-        print(f"{shown(path)}: " + ", ".join(f"{common.CLASSES[k]} {100 * p[k]:.0f}%" for k in top))
+        print(f"{shown(path)}: " + ", ".join(f"{common.CLASSES[k]} {100 * p[k]:.0f}%" for k in top), flush=True)
+        if warning:  # right below its answer: the model answers with one of its ten classes whatever it is shown
+            print(f"{shown(path)}: warning: {warning}", file=sys.stderr, flush=True)
     if good:
         drawn = min(len(good), hp.figure_images)
         try:

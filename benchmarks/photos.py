@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 import plumbing  # noqa: E402
-from plumbing.photos import photo_problem, prepare_photo  # noqa: E402
+from plumbing.photos import prepare  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -65,6 +65,31 @@ CONDITIONS = {
     },
 }
 VARIED = "varied (every setting random, own generator and lighting)"
+
+# Clothes photographed where they lie (issue #34): a coloured item on a surface, with a soft shadow, tilted 5-15
+# degrees either way, 30-50% of the frame's height and off centre, JPEG 60-85, but for the control.
+WHERE_THEY_LIE = {"shadow": 0.3, "tilt": (5, 15), "fraction": (0.3, 0.5), "jpeg": (60, 85)}
+SCENES = {
+    "control: plain, centred, upright": {"surface": ("plain", (236, 234, 230)), "item": (40, 40, 45)},
+    "plain, tilted, off centre": {"surface": ("plain", (236, 234, 230)), "item": (40, 40, 45), **WHERE_THEY_LIE},
+    "light item on dark wood": {"surface": ("wood", (105, 65, 40)), "item": (232, 230, 225), **WHERE_THEY_LIE},
+    "light item on dark carpet": {"surface": ("carpet", (62, 58, 70)), "item": (232, 230, 225), **WHERE_THEY_LIE},
+    "dark item on light wood": {"surface": ("wood", (214, 178, 128)), "item": (35, 35, 40), **WHERE_THEY_LIE},
+    "dark item on light carpet": {"surface": ("carpet", (200, 192, 182)), "item": (35, 35, 40), **WHERE_THEY_LIE},
+    "red item on beige, warm light": {
+        "surface": ("plain", (226, 206, 172)), "item": (190, 35, 45), "balance": [(1.08, 1.0, 0.86)], **WHERE_THEY_LIE
+    },
+    "grey item on white, cool light": {
+        "surface": ("plain", (244, 244, 242)), "item": (150, 150, 150), "balance": [(0.9, 1.0, 1.12)], **WHERE_THEY_LIE
+    },
+    "blue item on a gingham tablecloth": {
+        "surface": ("gingham", (215, 50, 55)), "item": (40, 70, 170), **WHERE_THEY_LIE
+    },
+    "letterboxed (black bars)": {
+        "surface": ("plain", (236, 234, 230)), "item": (40, 40, 45), "bars": 0.12, **WHERE_THEY_LIE
+    },
+    "a 6-px dark frame": {"surface": ("plain", (236, 234, 230)), "item": (40, 40, 45), "frame": 6, **WHERE_THEY_LIE},
+}  # fmt: skip
 
 
 def drawn(value, rng):
@@ -145,26 +170,101 @@ def varied_photo(image, chance):
     return picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if chance.random() < 0.5 else picture
 
 
+def surface(kind, colour, height, width, rng):
+    """A surface clothes lie on, (height, width, 3) float32 levels: plain, wood grain (stripes that wander),
+    carpet (a fine mottle) or a gingham tablecloth (checks of `colour` and white)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.broadcast_to(np.asarray(colour, dtype=np.float32), (height, width, 3))
+    if kind == "plain":
+        return base.copy()
+    if kind == "wood":  # grain along a random direction, stripes 6-14 px apart, warped by a slow wave
+        angle = rng.uniform(0, np.pi)
+        along, across = x * np.cos(angle) + y * np.sin(angle), -x * np.sin(angle) + y * np.cos(angle)
+        period = rng.uniform(6, 14)
+        grain = np.sin(2 * np.pi * (across + 8 * np.sin(along / 60)) / period) + 0.5 * rng.normal(0, 1, y.shape)
+        return base * (1 + 0.12 * grain[..., None])
+    if kind == "carpet":  # a mottle of 2-4 px, in brightness and a little in colour
+        scale = rng.uniform(2, 4)
+        small = rng.normal(0, 1, (round(height / scale), round(width / scale))).astype(np.float32)
+        mottle = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC))
+        return base * (1 + 0.3 * mottle[..., None] * np.array([1, 0.95, 0.9], dtype=np.float32))
+    cell = rng.uniform(14, 30)  # gingham: a band of colour every other cell, across and down; pink where they cross
+    bands = ((x // cell) % 2 == 0).astype(np.float32) + ((y // cell) % 2 == 0).astype(np.float32)
+    white = np.array([246, 244, 240], dtype=np.float32)
+    return white + (base - white) * (0.45 * bands)[..., None]
+
+
+def scene_photo(image, rng, surface_kind, item, shadow=0, tilt=0, fraction=0.45, jpeg=None, balance=(1, 1, 1), bars=0,
+                frame=0):  # fmt: skip
+    """One test image as a photo of the item lying on a surface: a 640x480 colour photo, the item `fraction` of
+    its height, tilted by `tilt` degrees either way, at a random place (centred for the control), its outline
+    casting a soft shadow, the light's colour `balance`, then black letterbox bars (`bars` of the height at top
+    and bottom) or a dark frame `frame` px wide. The item is alpha-composited: the 28x28 image says how much of
+    each pixel it covers."""
+    height, width = 480, 640
+    size = round(fraction * height)
+    angle = tilt * rng.choice([-1, 1])
+    alpha = Image.fromarray((255 * item_alpha(image, size)).astype(np.uint8))
+    alpha = np.asarray(alpha.rotate(angle, Image.Resampling.BICUBIC, expand=True), dtype=np.float32) / 255
+    h, w = alpha.shape
+    if tilt:
+        top, left = rng.integers(10, height - h - 10), rng.integers(10, width - w - 10)
+    else:
+        top, left = (height - h) // 2, (width - w) // 2
+    ink = np.zeros((height, width), dtype=np.float32)
+    ink[top : top + h, left : left + w] = alpha
+    picture = surface(*surface_kind, height, width, rng)
+    if shadow:  # the outline, blurred and shifted down and to one side, darkens the surface it falls on
+        blurred = Image.fromarray((255 * ink).astype(np.uint8)).filter(ImageFilter.GaussianBlur(size / 20))
+        shade = np.roll(
+            np.asarray(blurred, dtype=np.float32) / 255, (size // 12, size // 12 * rng.choice([-1, 1])), (0, 1)
+        )
+        picture = picture * (1 - shadow * shade)[..., None]
+    picture = picture * (1 - ink[..., None]) + np.asarray(item, dtype=np.float32) * ink[..., None]
+    picture = picture * np.asarray(balance, dtype=np.float32) + rng.normal(0, 3, picture.shape)
+    if bars:
+        band = round(bars * height)
+        picture[:band], picture[-band:] = rng.uniform(0, 12), rng.uniform(0, 12)
+    if frame:
+        level = rng.uniform(10, 40)
+        picture[:frame], picture[-frame:], picture[:, :frame], picture[:, -frame:] = level, level, level, level
+    result = Image.fromarray(picture.clip(0, 255).round().astype(np.uint8))
+    if jpeg:
+        buffer = io.BytesIO()
+        result.save(buffer, "JPEG", quality=round(jpeg))
+        result = Image.open(buffer)
+    return result
+
+
 def prepared(photos):
-    """The photos as predict.py prepares them for the model: uint8 (N, 1, 28, 28)."""
-    return torch.stack([torch.from_numpy(prepare_photo(p)) for p in photos]).unsqueeze(1)
+    """(the photos as predict.py prepares them for the model, uint8 (N, 1, 28, 28); the share it warns about, %)."""
+    arrays, problems = zip(*(prepare(p) for p in photos), strict=True)
+    return torch.stack([torch.from_numpy(a) for a in arrays]).unsqueeze(1), 100 * sum(map(bool, problems)) / len(photos)
 
 
 def measure(model, x, y):
     """{condition: {"agreement": %, "accuracy": %}} for the test images x (uint8 (N, 1, 28, 28)), labels y."""
     original = model(x).argmax(1)
     results = {}
-    for i, (name, settings) in enumerate([*CONDITIONS.items(), (VARIED, None)]):
+    for i, (name, settings) in enumerate([*CONDITIONS.items(), (VARIED, None), *SCENES.items()]):
         rng, chance = np.random.default_rng([SEED, i]), random.Random(SEED)
         if settings is None:
             photos = [varied_photo(image[0].numpy(), chance) for image in x]
+        elif name in SCENES:
+            scene = {k: v for k, v in settings.items() if k not in ("surface", "item")}
+            photos = [
+                scene_photo(image[0].numpy(), rng, settings["surface"], settings["item"],
+                            **{k: drawn(v, rng) for k, v in scene.items()})
+                for image in x
+            ]  # fmt: skip
         else:
             photos = [photo(image[0].numpy(), rng, **{k: drawn(v, rng) for k, v in settings.items()}) for image in x]
-        predicted = model(prepared(photos)).argmax(1)
+        images, warned = prepared(photos)
+        predicted = model(images).argmax(1)
         results[name] = {
             "agreement": 100 * (predicted == original).float().mean().item(),
             "accuracy": 100 * (predicted == y).float().mean().item(),
-            "warned": 100 * sum(photo_problem(p) is not None for p in photos) / len(photos),
+            "warned": warned,
         }
         print(f"{name}: " + ", ".join(f"{v:.1f}% {k}" for k, v in results[name].items()), flush=True)
     return results, 100 * (original == y).float().mean().item()

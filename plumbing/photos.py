@@ -9,6 +9,7 @@ import stat
 import struct
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 from plumbing import UserError
 
@@ -32,25 +33,34 @@ def shown(path):
 
 
 def image_paths(arguments):
-    """The image files named, and those inside the folders named, sorted within each folder."""
-    paths = []
+    """(the image files named and those inside the folders named, sorted within each folder; a line for each folder
+    saying what in it was passed over: files of other kinds, like a phone's HEIC photos, and folders within)."""
+    paths, skipped = [], []
     for argument in map(Path, arguments):
-        if argument.is_dir():
-            try:
-                paths += sorted(p for p in argument.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            except OSError as error:  # an unreadable folder
-                raise UserError(f"{shown(argument)}: cannot list the folder ({error.strerror})") from None
-        else:
+        if not argument.is_dir():
             paths.append(argument)
-    return paths
+            continue
+        try:
+            entries = sorted(argument.iterdir())
+        except OSError as error:  # an unreadable folder
+            raise UserError(f"{shown(argument)}: cannot list the folder ({error.strerror})") from None
+        paths += [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+        other = [p.name + "/" * p.is_dir() for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if other:
+            names = ", ".join(map(shown, other[:3])) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+            skipped.append(f"{shown(argument)}: passed over {len(other)} not PNG, JPEG, BMP or WebP: {names}")
+    return paths, skipped
 
 
 def read_image(path):
     """(the image in the file at path, decoded and upright, None), or (None, why the file cannot be used)."""
     try:
         # Only regular files are opened: a FIFO would block until something writes to it, a device never end.
-        if not stat.S_ISREG(path.stat().st_mode):
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
             return None, "not a regular file (a folder, pipe or device), so not opened"
+        if info.st_size == 0:
+            return None, "is empty (0 bytes): nothing was saved into it"
         with warnings.catch_warnings():
             # Past Pillow's warning limit (89 megapixels) a file is no photo, and decoding it takes gigabytes.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -66,7 +76,10 @@ def read_image(path):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, "too many pixels to be a photo worth opening (Pillow's decompression-bomb limit)"
     except READ_ERRORS as error:
-        return None, f"cannot be used ({' '.join(str(error).split()) or type(error).__name__})"
+        reason = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, EOFError) or "truncated" in reason:
+            return None, "is cut short: the file ends before its image does (an interrupted copy or download?)"
+        return None, f"cannot be used ({reason})"
 
 
 def grey_levels(image):
@@ -84,27 +97,99 @@ def grey_levels(image):
     return ((values - low) * (255 / max(high - low, 1))).astype(np.float32)
 
 
+def colour_levels(image):
+    """The image's colours, (height, width, 3) float32 in 0-255: grey images (of any depth, as grey_levels reads
+    them) in three equal channels, transparent ones as if on white paper (the background product photos have)."""
+    if image.mode in ("1", "L", "I", "F") or image.mode.startswith("I;16"):
+        return np.repeat(grey_levels(image)[..., None], 3, axis=2)
+    if "A" in image.mode or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
+def shrunk(colours, side):
+    """colours with each block of pixels averaged into one, at most `side` pixels a side: the sensor's noise and a
+    surface's fine texture average away, and the search is quick on a 12-megapixel photo."""
+    factor = max(1, math.ceil(max(colours.shape[:2]) / side))
+    size = (max(1, colours.shape[1] // factor), max(1, colours.shape[0] // factor))
+    return np.stack(
+        [np.asarray(Image.fromarray(c).resize(size, Image.Resampling.BOX)) for c in colours.transpose(2, 0, 1)], axis=-1
+    )
+
+
+def inside_frame(small):
+    """(top, bottom, left, right) in small's pixels of the picture inside letterbox bars or a frame: bands along
+    the edges of one flat colour, unlike most of what lies just inside them. The background is then looked for
+    inside them, not in the bars."""
+
+    def band(lines):  # lines from the edge inward, each (n, 3)
+        edge, depth = lines[0].mean(0), 0
+        while depth < 0.4 * len(lines) and np.abs(lines[depth] - edge).max() < 16:  # flat, and the edge's colour
+            depth += 1
+        inside = lines[depth : depth + 3].reshape(-1, 3)
+        unlike = len(inside) and (np.abs(inside - edge).max(1) > 24).mean() > 0.6
+        return depth + 1 if 0 < depth < 0.4 * len(lines) and unlike else 0  # and the row the edge blurred into
+
+    height, width = small.shape[:2]
+    top, bottom = band(small), band(small[::-1])
+    left, right = band(small.transpose(1, 0, 2)), band(small.transpose(1, 0, 2)[::-1])
+    return top, height - bottom, left, width - right
+
+
 def background(small, where):
-    """(the background's level at each pixel of small, the sigma of its noise), from the pixels where `where` is
-    true. Lighting is uneven (a gradient, a lamp's pool of light): the level is a cubic surface fitted to those
+    """(the background's colour at each pixel of small, the sigma of its noise), from the pixels where `where` is
+    true. Lighting is uneven (a gradient, a lamp's pool of light): each channel is a cubic surface fitted to those
     pixels, refitted without those it fits worst (the item, where it reaches them), plus the local mean of what the
-    surface misses (lighting no cubic follows) over a window a quarter of the photo wide."""
-    height, width = small.shape
+    surfaces miss (lighting no cubic follows) over a window a quarter of the photo wide."""
+    height, width = small.shape[:2]
     v, u = np.mgrid[0:height, 0:width]
     u, v = (u + 0.5) / width, (v + 0.5) / height
     terms = np.stack([u**i * v**j for i in range(4) for j in range(4 - i)], axis=-1)  # 1, v, v², v³, u, uv, ...
-    level, keep = np.median(small[where]), where  # first one level, the median: the item cannot pull it far
+    level, keep = np.median(small[where], axis=0), where  # first one colour, the median: the item cannot pull it far
     for _ in range(3):
-        residuals = np.abs(small - level)
-        noise = 1.4826 * float(np.median(residuals[keep]))  # the median absolute residual, as a sigma
+        residuals = rms(small - level, axis=-1)
+        noise = 1.4826 * float(np.median(residuals[keep]))  # the median residual, as a sigma
         keep = where & (residuals <= max(3 * noise, 1))
         chosen = terms[keep]  # least squares by the normal equations: quicker than lstsq on thousands of rows
         level = terms @ np.linalg.lstsq(chosen.T @ chosen, chosen.T @ small[keep], rcond=None)[0]
-    noise = 1.4826 * float(np.median(np.abs(small - level)[keep]))
+    noise = 1.4826 * float(np.median(rms(small - level, axis=-1)[keep]))
     radius = max(height, width) // 8
     # Shrunk towards 0 where the window holds little background: deep inside a large item.
-    missed = window_sum((small - level) * keep, radius) / (window_sum(keep, radius) + 2 * radius + 1)
+    weight = window_sum(keep.astype(np.float64), radius) + 2 * radius + 1
+    missed = (
+        np.stack([window_sum((small - level)[..., c] * keep, radius) for c in range(3)], axis=-1) / weight[..., None]
+    )
     return (level + missed).astype(np.float32), noise
+
+
+def pattern_colours(small, where, count=4):
+    """The few colours a patterned background is made of (the checks of a tablecloth): k-means of the pixels
+    where `where` is true, started from the darkest to the lightest."""
+    pixels = small[where]
+    order = np.argsort(pixels.sum(1))
+    colours = pixels[order[np.linspace(0, len(order) - 1, count).astype(int)]]
+    for _ in range(8):
+        nearest = rms(pixels[:, None] - colours[None], axis=-1).argmin(1)
+        colours = np.stack([pixels[nearest == k].mean(0) if (nearest == k).any() else colours[k] for k in range(count)])
+    return colours
+
+
+def off_pattern(pixels, pattern):
+    """How far each of pixels (..., 3) is from a surface made of the colours `pattern` (k, 3): the distance to the
+    nearest colour or mix of two of them, since where two colours meet (a check's edge) the camera and the shrinking
+    blend them."""
+    nearest = np.full(pixels.shape[:-1], np.inf, dtype=np.float32)
+    for i, a in enumerate(pattern):
+        for b in pattern[i:]:
+            along = b - a
+            share = np.clip((pixels - a) @ along / max(float(along @ along), 1e-6), 0, 1)
+            nearest = np.minimum(nearest, rms(pixels - a - share[..., None] * along, axis=-1))
+    return nearest
+
+
+def rms(difference, axis=-1):
+    """The colour distance: the root mean square over the channels, so that a grey photo's is its grey difference."""
+    return np.sqrt(np.mean(np.square(difference), axis=axis))
 
 
 def window_sum(array, radius):
@@ -123,80 +208,229 @@ def spread(array):
     return np.max([padded[i : i + height, j : j + width] for i in range(3) for j in range(3)], axis=0)
 
 
-def largest_parts(mask):
-    """mask without its specks: its 8-connected components of under 4 pixels or a twentieth of the largest one.
-    Components are found with numpy alone: each pixel is labelled with its own number, then takes the largest
-    label among its neighbours' until none changes."""
+def components(mask):
+    """The 8-connected components of mask, labelled (0 is not the mask), found with numpy alone: each pixel is
+    labelled with its own number, then takes the largest label among its neighbours' until none changes."""
     labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
     while not np.array_equal(labels, grown := spread(labels) * mask):
         labels = np.where(mask, grown.ravel()[grown - 1], 0)  # and the label that label's pixel has: far quicker
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return np.isin(labels, np.flatnonzero(sizes >= max(4, sizes.max() / 20))) & mask
+    return labels
 
 
-def find_item(grey):
-    """(grey less its background, the item's box (top, bottom, left, right) in grey's pixels, or None when nothing
-    stands out from the background). The item is looked for in a copy of at most 128 px a side: averaging blocks
-    of pixels averages the sensor's noise away, and makes the search quick on a 12-megapixel photo."""
-    factor = max(1, math.ceil(max(grey.shape) / 128))
-    size = (max(1, grey.shape[1] // factor), max(1, grey.shape[0] // factor))  # each pixel the mean of as many
-    small = np.asarray(Image.fromarray(grey).resize(size, Image.Resampling.BOX), dtype=np.float32)
-    height, width = small.shape
+class Found(NamedTuple):
+    """What find_item found in a photo. `box`: the item's (top, bottom, left, right) in the photo's pixels, or None;
+    `angle`: the degrees it is tilted by (0 when upright); `problem`: why the answer may mean nothing, or None.
+    On the small copy searched (`scale`: the photo's rows and columns per pixel of it): `mask`, the item (its holes
+    filled); `level`, the background's colour at each pixel; `inside`, the (top, bottom, left, right) inside any
+    bars or frame. `pattern`: the colours a patterned surface is made of (None on a plain or grained one)."""
+
+    box: tuple
+    angle: float
+    problem: str
+    mask: np.ndarray
+    level: np.ndarray
+    inside: tuple
+    scale: tuple
+    pattern: np.ndarray
+
+
+ANALYSIS_SIDE = 128  # pixels a side of the copy the item is looked for in
+
+
+def find_item(colours):
+    """What stands out from the background of a photo (its colours, colour_levels), as a Found. The item differs
+    from the background by more than 5% of 255 (the paper's trim) or than 4 sigma of the noise measured on the
+    background, in colour: a red shirt on beige stands out though its grey is the beige's. The background is
+    estimated from the border inside any bars or frame, then from all but the item; a patterned one (checks, a
+    coarse grain) by the few colours it is made of."""
+    small = shrunk(colours, ANALYSIS_SIDE)
+    scale = colours.shape[0] / small.shape[0], colours.shape[1] / small.shape[1]  # rows and columns per pixel
+    top, bottom, left, right = inside_frame(small)
+    picture = small[top:bottom, left:right]
+    height, width = picture.shape[:2]
     v, u = np.mgrid[0:height, 0:width]
     where = (np.minimum(v, height - 1 - v) < 2) | (np.minimum(u, width - 1 - u) < 2)  # first, the border
+    patterned = None
     for _ in range(2):  # then all that is not the item, for lighting that the border alone does not show
-        level, noise = background(small, where)
-        # The item: what differs from the background by more than 5% of 255 (the paper's trim), or by more
-        # than the noise measured on the background would (4 sigma), where the photo is noisier than that.
-        item = largest_parts(np.abs(small - level) > max(0.05 * 255, 4 * noise))
+        level, noise = background(picture, where)
+        distance = rms(picture - level, axis=-1)
+        # A surface more varied than plain cloth or paper (found so, it stays so: without the item, the fit may
+        # settle on one of a tablecloth's colours and call the others the item): its colours, wherever they lie.
+        if noise > 12 or patterned is not None:
+            patterned = pattern_colours(picture, where)
+            near = off_pattern(picture, patterned)
+            noise = 1.4826 * float(np.median(near[where]))
+            distance = np.minimum(distance, near)
+        labels = components(distance > max(0.05 * 255, 4 * noise))
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        item = np.isin(labels, np.flatnonzero(sizes >= max(4, sizes.max() / 20))) & (labels > 0)  # no specks
         where = ~spread(spread(item))  # the item's edge, blurred by the averaging, is no background either
         if where.sum() < 100:  # too little background left to fit
             break
-    level = np.asarray(Image.fromarray(level).resize(grey.shape[::-1], Image.Resampling.BILINEAR))
-    rows, cols = np.flatnonzero(item.any(1)), np.flatnonzero(item.any(0))
-    if not len(rows):
-        return grey - level, None
-    down, across = grey.shape[0] / small.shape[0], grey.shape[1] / small.shape[1]  # the small pixels' size
-    box = round(rows[0] * down), round((rows[-1] + 1) * down), round(cols[0] * across), round((cols[-1] + 1) * across)
-    return grey - level, tuple(map(int, box))
+    mask = np.zeros(small.shape[:2], dtype=bool)
+    mask[top:bottom, left:right] = item
+    full = np.zeros(small.shape, dtype=np.float32)  # the background's colour, where the picture is
+    full[top:bottom, left:right] = level
+    contrast = np.zeros(small.shape[:2], dtype=np.float32)
+    contrast[top:bottom, left:right] = distance * spread(spread(item))
+    strong = contrast[mask]
+    core = mask & (contrast > 0.4 * np.quantile(strong, 0.95)) if strong.size else mask
+    found = box_of(spread(core) & mask)
+    box = in_photo(found, scale) if found else None
+    inside = in_photo((top, bottom, left, right), scale)
+    problem = judged(box, apart(labels, sizes), patterned is not None, colours.shape[:2], inside)
+    angle = tilt(contrast) if box else 0.0
+    return Found(box, angle, problem, filled(mask), full, (top, bottom, left, right), scale, patterned)
+
+
+def in_photo(box, scale):
+    """A (top, bottom, left, right) box on the small copy, in the photo's pixels."""
+    return tuple(int(round(edge * scale[i // 2])) for i, edge in enumerate(box))
+
+
+def in_small(box, scale):
+    """A (top, bottom, left, right) box in the photo's pixels, as Pillow's (left, top, right, bottom) box on the
+    small copy."""
+    top, bottom, left, right = box
+    return left / scale[1], top / scale[0], right / scale[1], bottom / scale[0]
+
+
+def difference(colours, found, region):
+    """How each pixel of region (top, bottom, left, right) of the photo differs from the background: its colour
+    less the background's, per channel, signed (so that a surface's grain and the sensor's noise, which go either
+    way, average away as the picture shrinks); on a patterned surface, how far it is from the surface's colours
+    (off_pattern). Bars and a frame are no difference at all."""
+    top, bottom, left, right = region
+    source = in_small(region, found.scale)
+    level = np.stack(
+        [
+            np.asarray(Image.fromarray(c).resize((right - left, bottom - top), Image.Resampling.BILINEAR, box=source))
+            for c in found.level.transpose(2, 0, 1)
+        ],
+        axis=-1,
+    )
+    picture = colours[top:bottom, left:right]
+    result = picture - level
+    if found.pattern is not None:
+        result = np.minimum(rms(result, axis=-1), off_pattern(picture, found.pattern))[..., None]
+    v, u = np.mgrid[top:bottom, left:right]
+    inside = in_photo(found.inside, found.scale)
+    result[(v < inside[0]) | (v >= inside[1]) | (u < inside[2]) | (u >= inside[3])] = 0
+    return result.astype(np.float32)
+
+
+def apart(labels, sizes):
+    """Whether the two largest parts found are two items: the smaller a third of the larger or more, and their
+    boxes apart even when each is grown by a sixth of its size (the parts of one item lie close together)."""
+    order = np.argsort(sizes)[::-1]
+    if len(order) < 3 or sizes[order[1]] < max(16, sizes[order[0]] / 3):
+        return False
+    (a, b, c, d), (e, f, g, h) = (box_of(labels == k) for k in order[:2])
+    grow = max(b - a, d - c, f - e, h - g) / 6
+    return e > b + grow or a > f + grow or g > d + grow or c > h + grow
+
+
+def filled(mask):
+    """mask with its holes filled (what it encloses: the dim inside of an item whose outline stands out)."""
+    outside = components(~mask)
+    border = np.unique(np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]]))
+    return mask | ~np.isin(outside, border[border > 0])
+
+
+def tilt(contrast, largest=20, sure=0.25, least=3):
+    """The angle in degrees (within `largest` either way) that sets the item upright, as Fashion-MNIST's items
+    stand, from the item's edges (`contrast`: how much it stands out, 0 elsewhere): upright, most of their edges run
+    up and down or across (a sleeve, a trouser leg, a sole). Their directions, taken four times round (so that those
+    a right angle apart agree) and weighted by the edges' strength, point to the tilt; 0 unless `sure` of it, or
+    for a tilt under `least` degrees (turning the picture blurs it a little)."""
+    dy, dx = np.gradient(contrast)
+    strength = dx**2 + dy**2
+    if not strength.sum():
+        return 0.0
+    pointer = np.sum(strength * np.exp(4j * np.arctan2(dy, dx))) / strength.sum()
+    angle = np.degrees(np.angle(pointer)) / 4
+    return float(angle) if abs(pointer) > sure and least <= abs(angle) <= largest else 0.0
+
+
+def judged(box, several, patterned, shape, inside):
+    """Why the model's answer may mean nothing, in a few words, or None."""
+    if box is None:
+        if patterned:
+            return "no item stands out from the busy pattern it lies on: photograph it on a plainer surface"
+        return "the image is blank or of one colour: there is no item to classify"
+    top, bottom, left, right = box
+    height, width = shape
+    if top <= inside[0] and left <= inside[2] and bottom >= inside[1] and right >= inside[3]:
+        return "the item reaches all four edges: it may be cut off (leave some background around it)"
+    if several:
+        return "several items stand apart: crop the photo to one of them"
+    if max(bottom - top, right - left) < max(height, width) / 10:
+        return f"the item found is tiny ({right - left}x{bottom - top} px of {width}x{height}): crop the photo to it"
+    return None
 
 
 def photo_problem(image):
     """Why the model's answer for a photo (PIL, or its grey levels as an array) may mean nothing, in a few words,
-    or None: nothing stands out from the background, the item is a speck, or it reaches all four edges."""
-    grey = image if isinstance(image, np.ndarray) else grey_levels(image)
-    _, box = find_item(grey)
-    if box is None:
-        return "the image is blank or of one colour: there is no item to classify"
-    top, bottom, left, right = box
-    height, width = grey.shape
-    if max(bottom - top, right - left) < max(height, width) / 10:
-        return f"the item found is tiny ({right - left}x{bottom - top} px of {width}x{height}): crop the photo to it"
-    if (top, left, bottom, right) == (0, 0, height, width):
-        return "the item reaches all four edges: it may be cut off (leave some background around it)"
-    return None
+    or None: nothing stands out from the background (or from a busy pattern), several items do, the item is a
+    speck, or it reaches all four edges."""
+    colours = np.repeat(image[..., None], 3, axis=2) if isinstance(image, np.ndarray) else colour_levels(image)
+    return find_item(colours).problem
+
+
+def box_of(mask):
+    """(top, bottom, left, right) of the True pixels of mask, or None."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return (int(rows[0]), int(rows[-1] + 1), int(cols[0]), int(cols[-1] + 1)) if len(rows) else None
 
 
 def prepare_photo(image):
-    """A photo (PIL, any size) as a 28x28 uint8 array in Fashion-MNIST's style: light item on black. Its background
-    is subtracted (uneven lighting with it), the item's box cut out, its longest edge resized to 28 px, centred."""
-    difference, box = find_item(grey_levels(image))
-    if box:
-        top, bottom, left, right = box
-        difference = difference[top:bottom, left:right]
-    height, width = difference.shape
-    scale = 28 / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    crop = Image.fromarray(difference)
-    small = np.asarray(crop.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
-    canvas = np.zeros((28, 28), dtype=np.float32)  # the background: no difference from itself
-    top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
-    canvas[top : top + size[1], left : left + size[0]] = small
+    """prepare(image)'s 28x28 image alone."""
+    return prepare(image)[0]
+
+
+def resized(array, size, resample=Image.Resampling.BILINEAR, box=None):
+    """A float32 array (height, width) resized to size (width, height) by Pillow, from `box` of it if given."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(array, dtype=np.float32)).resize(size, resample, box=box))
+
+
+def turned(array, angle):
+    """A float32 array turned by angle degrees (counter-clockwise), grown to hold all of it, 0 in the corners."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(array, dtype=np.float32)).rotate(angle, expand=True))
+
+
+def prepare(image):
+    """(a photo (PIL, any size) as a 28x28 uint8 array in Fashion-MNIST's style, why the answer for it may mean
+    nothing or None). Light item on black: how far each pixel's colour is from the background's (uneven lighting
+    subtracted), the item's box cut out and set upright, its longest edge resized to 28 px, centred."""
+    colours = colour_levels(image)
+    found = find_item(colours)
+    height, width = colours.shape[:2]
+    top, bottom, left, right = found.box or (0, height, 0, width)
+    if found.angle:  # upright, as Fashion-MNIST's items stand: the item turned with room around it, and its mask
+        margin = max(bottom - top, right - left) // 2
+        top, bottom = max(0, top - margin), min(height, bottom + margin)
+        left, right = max(0, left - margin), min(width, right + margin)
+    channels = difference(colours, found, (top, bottom, left, right)).transpose(2, 0, 1)
+    if found.angle:
+        source = in_small((top, bottom, left, right), found.scale)
+        mask = turned(resized(found.mask, (right - left, bottom - top), box=source), found.angle) > 0.5
+        channels = np.stack([turned(channel, found.angle) for channel in channels])
+        top, bottom, left, right = box_of(mask) or (0, mask.shape[0], 0, mask.shape[1])
+        channels = channels[:, top:bottom, left:right]
+    # Centred on a square of the longest side before shrinking to 28x28, rather than shrunk and then centred on
+    # the canvas: a margin of an odd number of pixels would otherwise put a mirrored item one pixel off.
+    height, width = channels.shape[1:]
+    side = max(height, width)
+    above, before = (side - height) // 2, (side - width) // 2
+    channels = np.pad(channels, ((0, 0), (above, side - height - above), (before, side - width - before)))
+    # Each channel shrunk signed, then the distance over the channels: what goes either way (grain, noise) cancels.
+    canvas = rms(np.stack([resized(c, (28, 28), Image.Resampling.LANCZOS) for c in channels], axis=-1))
     # How far each pixel is from the background, less the 5% that counts as background: light on black, whether
     # the item was darker than its background or lighter. The item's strongest part becomes 255, as measured on
     # a box-filtered copy: LANCZOS overshoots at an edge (the box keeps a little background around the item),
     # and that overshoot, taken as the strongest part, would dim all the rest.
-    distance = np.clip(np.abs(canvas) - 0.05 * 255, 0, None)
-    strongest = np.abs(np.asarray(crop.resize(size, Image.Resampling.BOX))).max() - 0.05 * 255
-    return (255 * distance / max(strongest, 1)).round().clip(0, 255).astype(np.uint8)
+    distance = np.clip(canvas - 0.05 * 255, 0, None)
+    boxed = np.stack([resized(c, (28, 28), Image.Resampling.BOX) for c in channels], axis=-1)
+    strongest = rms(boxed).max() - 0.05 * 255
+    return (255 * distance / max(strongest, 1)).round().clip(0, 255).astype(np.uint8), found.problem

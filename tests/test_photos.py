@@ -1,5 +1,6 @@
 """predict.py on photos as phones take them: noisy, unevenly lit, and some with nothing to classify (issue #27)."""
 
+import io
 import sys
 
 import common
@@ -8,7 +9,7 @@ from plumbing import photos
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 import predict
 from conftest import ROOT, run_cli
@@ -76,6 +77,76 @@ def test_a_photo_is_prepared_light_on_black_filling_the_frame(test_images):
             assert prepared.max() == 255
 
 
+def lying(image, rng, surface, colour, tilt=0.0, bars=0, frame=0):
+    """A 28x28 test image as a photo of the item lying on a surface (drawn here, not by benchmarks/photos.py): a
+    480x360 RGB photo, the item 150-190 px high at a random place, tilted by `tilt` degrees, in `colour` where the
+    image is light (its light levels say how much of each pixel the item covers), JPEG; then black bars `bars` px
+    high at the top and bottom, or a dark frame `frame` px wide."""
+    size = int(rng.integers(150, 190))
+    cover = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR).rotate(tilt, expand=True)
+    cover = np.asarray(cover, dtype=np.float32)[..., None] / 255
+    y, x = np.mgrid[0:360, 0:480]
+    if surface == "wood":  # stripes across, their spacing wavering, in the surface's colour
+        grain = np.sin(y / 3.0 + 2 * np.sin(x / 40.0))[..., None]
+        ground = np.array(colour[1], dtype=np.float32) * (1 + 0.1 * grain)
+    elif surface == "carpet":  # a coloured mottle, blurred to a few pixels
+        mottle = Image.fromarray(rng.integers(0, 256, (360, 480, 3), dtype=np.uint8)).filter(ImageFilter.BoxBlur(1))
+        ground = np.array(colour[1], dtype=np.float32) + 0.4 * (np.asarray(mottle, dtype=np.float32) - 128)
+    elif surface == "checks":  # squares of the surface's colour and white
+        ground = np.where((((y // 24) + (x // 24)) % 2 == 0)[..., None], colour[1], (250, 250, 250)).astype(np.float32)
+    else:
+        ground = np.broadcast_to(np.array(colour[1], dtype=np.float32), (360, 480, 3)).copy()
+    top, left = int(rng.integers(10, 350 - cover.shape[0])), int(rng.integers(10, 470 - cover.shape[1]))
+    window = ground[top : top + cover.shape[0], left : left + cover.shape[1]]
+    window[:] = window * (1 - cover) + np.array(colour[0], dtype=np.float32) * cover
+    if bars:
+        ground[:bars], ground[-bars:] = 0, 0
+    if frame:
+        ground[:frame], ground[-frame:], ground[:, :frame], ground[:, -frame:] = 25, 25, 25, 25
+    photo = Image.fromarray(ground.clip(0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=80)
+    return Image.open(buffer)
+
+
+WHERE = {  # (item colour, surface colour), surface, extra settings
+    "light item on dark wood": (((235, 230, 220), (90, 55, 30)), "wood", {}),
+    "dark item on light carpet": (((30, 30, 35), (205, 195, 180)), "carpet", {}),
+    "blue item on checks": (((35, 60, 160), (200, 40, 40)), "checks", {}),
+    "red item on beige": (((185, 30, 40), (230, 210, 175)), "plain", {}),
+    "tilted 12 degrees": (((40, 40, 40), (235, 235, 235)), "plain", {"tilt": 12}),
+    "letterboxed": (((40, 40, 40), (235, 235, 235)), "plain", {"bars": 45}),
+    "a dark frame": (((40, 40, 40), (235, 235, 235)), "plain", {"frame": 6}),
+}
+
+
+def test_items_are_found_where_people_photograph_them(run, test_images):
+    """Each condition of issue #34, 16 items each: textured and patterned surfaces, colours, tilt, bars, a frame."""
+    model = predict.build_model(predict.load_run(run), torch.device("cpu"))
+    originals = model(test_images[:16]).argmax(1)
+    agreement = {}
+    for k, (name, (colour, surface, extra)) in enumerate(WHERE.items()):
+        rng = np.random.default_rng(k)
+        tilts = rng.uniform(-12, 12, 16) if "tilt" not in extra else [extra["tilt"] * (-1) ** i for i in range(16)]
+        settings = {key: value for key, value in extra.items() if key != "tilt"}
+        prepared = [photos.prepare_photo(lying(image[0].numpy(), rng, surface, colour, tilt, **settings))
+                    for image, tilt in zip(test_images[:16], tilts, strict=True)]  # fmt: skip
+        answers = model(torch.from_numpy(np.stack(prepared)).unsqueeze(1)).argmax(1)
+        agreement[name] = (answers == originals).float().mean().item()
+    print(agreement)
+    assert min(agreement.values()) >= 0.6 and sum(agreement.values()) / len(agreement) >= 0.8, agreement
+
+
+def test_a_busy_pattern_or_several_items_are_said_so_in_fitting_words(test_images):
+    rng = np.random.default_rng(3)
+    empty_checks = lying(np.zeros((28, 28), dtype=np.uint8), rng, "checks", ((0, 0, 0), (200, 40, 40)))
+    assert "busy pattern" in photos.photo_problem(empty_checks)
+    two = Image.new("L", (640, 360), 235)
+    for left in (40, 400):
+        two.paste(Image.fromarray(255 - test_images[1, 0].numpy()).resize((180, 180)), (left, 90))
+    assert "several items" in photos.photo_problem(two)
+
+
 def plain(width, height, level):
     return Image.new("L", (width, height), level)
 
@@ -119,7 +190,8 @@ def test_a_photo_of_an_item_is_not_warned_about(test_images, noise, gradient):
 
 def test_the_photos_benchmark_writes_its_table(run, tmp_path):
     results = photos_benchmark.main(["--run", str(run), "--images", "2", "--results", str(tmp_path)])
-    assert set(results["conditions"]) == {*photos_benchmark.CONDITIONS, photos_benchmark.VARIED}
+    conditions = {*photos_benchmark.CONDITIONS, photos_benchmark.VARIED, *photos_benchmark.SCENES}
+    assert set(results["conditions"]) == conditions
     assert all(0 <= scores["agreement"] <= 100 for scores in results["conditions"].values())
     table = (tmp_path / "photos.md").read_text()
     assert "| clean |" in table and "| noise 10 |" in table and (tmp_path / "photos.json").exists()

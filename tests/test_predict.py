@@ -100,10 +100,33 @@ def test_bad_images_are_named_and_the_others_predicted(runs, test_images, tmp_pa
     out, err = capsys.readouterr()
     assert code == 2
     assert len(out.strip().splitlines()) == 3  # two predictions and the figure
-    err = err.strip().splitlines()
+    err = [line for line in err.strip().splitlines() if ": warning: " not in line]  # a 28x28 item fills its frame
     assert len(err) == 4 and "Traceback" not in "".join(err)
     assert "notes.png: not an image" in err[1] and "cut.jpg: cannot be used" in err[0]
     assert "missing.jpg: no such file" in err[2] and "3 of 5 images could not be used" in err[3]
+
+
+def test_what_was_passed_over_and_each_warning_are_said_where_they_belong(runs, test_images, tmp_path, monkeypatch,
+                                                                          capsys):  # fmt: skip
+    """A folder's other files (a phone's HEIC photos, a subfolder) are named in one line; an empty file and one cut
+    short are said to be so; a warning follows its own image's answer, not the whole list."""
+    folder = save_photos(test_images[:2], tmp_path / "photos")
+    Image.new("RGB", (300, 200), "white").save(folder / "001b_blank.png")  # sorted between the two photos
+    (folder / "IMG_1.heic").write_bytes(b"\0" * 16)
+    (folder / "older").mkdir()
+    (folder / "zero.png").touch()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)).save(folder / "short.png")
+    (folder / "short.png").write_bytes((folder / "short.png").read_bytes()[:2000])  # of 4 KB
+    monkeypatch.setattr(sys, "stderr", sys.stdout)  # both streams in the order they were written
+    code = common.run_main(predict.main, [str(runs["cnn"]), str(folder), "--out", str(tmp_path / "p.png")])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 2
+    assert lines[0].endswith("photos: passed over 2 not PNG, JPEG, BMP or WebP: IMG_1.heic, older/"), lines
+    named = {line.split(": ")[0].rsplit("/", 1)[-1]: line for line in lines[1:]}
+    assert "is empty (0 bytes)" in named["zero.png"] and "is cut short" in named["short.png"]
+    order = [line.rsplit("/", 1)[-1] for line in lines if re.search(r"\d+%,|: warning: ", line)]
+    assert [name.split(":")[0] for name in order] == ["000.jpg", "001.jpg", "001b_blank.png", "001b_blank.png"]
+    assert "warning: the image is blank" in order[3]
 
 
 def broken(run_dir, tmp_path, change):
@@ -207,6 +230,7 @@ def test_unusable_outputs_and_inputs_are_one_line(runs, test_images, tmp_path, c
     ]
     for argv, words in cases:
         code, err = run_cli(predict, [str(runs["cnn"]), *argv], capsys)
+        err = [line for line in err if ": warning: " not in line]
         assert code == 2 and len(err) == 1 and words in err[0] and "Traceback" not in err[0], err
 
 
@@ -299,7 +323,8 @@ def test_a_file_pillow_chokes_on_is_named_not_a_traceback(runs, test_images, tmp
 
         monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", load)
         assert predict.load_images([folder / "000.png"], raw=True)[0] == []
-        assert "000.png: cannot be used (damaged)" in capsys.readouterr().err, error
+        words = "is cut short" if error is EOFError else "cannot be used (damaged)"  # Pillow's end of a short file
+        assert f"000.png: {words}" in capsys.readouterr().err, error
 
 
 @pytest.mark.figures

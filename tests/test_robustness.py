@@ -233,13 +233,13 @@ def test_a_write_cut_short_by_ctrl_c_leaves_no_temporary_file(tmp_path, monkeypa
 
 
 def test_a_reader_that_stops_early_stops_the_run_and_keeps_its_weights(real_data_dir, tmp_path):
-    """`python ann.py | head -6`: the run stops at its next line of output, quietly (exit 141, as `cat` ends),
+    """`python ann.py | head -7`: the run stops at its next line of output, quietly (exit 141, as `cat` ends),
     keeping its record and the weights of its last finished epoch."""
     argv = SMALL + ["--epochs", "20", "--out-dir", str(tmp_path)]
     process = subprocess.Popen(
         [sys.executable, "ann.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    lines = [process.stdout.readline() for _ in range(6)]  # the header, the data folder, the table, epoch 1
+    lines = [process.stdout.readline() for _ in range(7)]  # the header, the data folder, the table's two, epoch 1
     process.stdout.close()
     err = process.communicate(timeout=120)[1].decode()
     assert lines[-1].split()[0] == b"1" and process.returncode == 141 and "Traceback" not in err

@@ -38,8 +38,20 @@ def test_main_runs_end_to_end_and_writes_the_run_folder(script, extra, real_data
     }
     assert set(final) == {"train_acc", "val_acc", "test_acc", "test_loss", "seconds"}
     assert 0.3 < final["test_acc"] <= 1  # one epoch on 1000 images is far above chance (0.1)
-    last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last_line.startswith(f"{script.__name__}: train_acc=") and "test_acc=" in last_line
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("epoch train_loss"))
+    assert "(train: the batches as trained; val: each image once" in lines[header + 1]
+    views = 10 if script is cnn else 2  # each image and its mirror; the CNN's, each shifted four ways too
+    assert re.fullmatch(rf"{script.__name__}: train_acc=.* test_acc=.* \({views} view\(s\) of each image\)", lines[-1])
+
+
+def test_a_one_epoch_run_is_plotted_at_epoch_1_and_the_legend_covers_no_point():
+    history = [{"epoch": 1, "train_batch_loss": 0.5, "train_batch_acc": 0.8, "val_loss": 0.4, "val_acc": 0.85}]
+    fig = common.plot_curves(history, ("training batches", "validation"), "a run")
+    for ax in fig.axes:
+        assert ax.get_xlim() == (0.5, 1.5) and [t for t in ax.get_xticks() if 0.5 <= t <= 1.5] == [1]
+        assert ax.get_legend() is None  # one legend, below both plots
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["training batches", "validation"]
 
 
 def test_the_estimate_after_the_second_epoch_counts_the_epochs_left_and_the_final_evaluation(
@@ -73,7 +85,7 @@ def test_the_curves_legend_says_what_the_run_did(real_data_dir, tmp_path, monkey
     monkeypatch.setattr(common.Run, "draw", lambda self, plot, name, *args: name == "curves.png" and drawn.append(args))
     ann.main(SMALL + ["--label-smoothing", "0", "--no-flip", "--out-dir", str(tmp_path)])
     cnn.main(SMALL + ["--ema-decay", "0", "--out-dir", str(tmp_path)])
-    (_, (ann_batches, ann_validation)), (_, (cnn_batches, cnn_validation)) = drawn
+    (_, (ann_batches, ann_validation), _), (_, (cnn_batches, cnn_validation), _) = drawn  # history, legend, title
     assert ann_batches == "training batches (dropout on)" and ann_validation == "validation (evaluated, weight average)"
     assert cnn_batches == "training batches (augmented, dropout on, label smoothing in the loss)"
     assert cnn_validation == "validation (evaluated)"
