@@ -81,6 +81,7 @@ SETTINGS = {
     "EMA_DECAY": (float, lambda v: 0 <= v < 1, "a number in [0, 1) (0 turns EMA off)"),
     "MAX_SHIFT": (int, lambda v: 0 <= v <= 8, "an integer in [0, 8] (pixels)"),
     "FLIP": (bool, anything, "on or off"),
+    "FIXED_CONV1": (bool, anything, "on or off"),
     "TTA_FLIP": (bool, anything, "on or off"),
     "TTA_SHIFT": (int, lambda v: 0 <= v <= 4, "an integer in [0, 4]"),
     "VAL_SIZE": (int, lambda v: 0 <= v < N_TRAIN, f"an integer in [0, {N_TRAIN})"),

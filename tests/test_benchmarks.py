@@ -90,6 +90,21 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(real_data_dir, tmp_path, cap
     assert "| python" not in (tmp_path / "gpu_check.md").read_text()  # smoke rows are named as such
 
 
+def worktrees():
+    return subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+
+
+def test_defaults_benchmark_times_a_commit_and_this_tree_alternately(real_data_dir, tmp_path, capsys):
+    before = worktrees()
+    results, table = run_benchmark("defaults", tmp_path, capsys, "--baseline", "HEAD")
+    assert [row["seed"] for row in results["rows"]] == [1]
+    for row in results["rows"]:
+        assert row["baseline"]["epochs"] == row["current"]["epochs"] == 1  # the quick runs' one epoch, both trees
+        assert row["ratio"] == pytest.approx(row["current"]["wall"] / row["baseline"]["wall"])
+    assert "| median |" in table and "baseline: commit HEAD" in table
+    assert worktrees() == before  # the baseline's checkout is removed
+
+
 @pytest.mark.parametrize(
     "benchmark, argv, words",
     [
@@ -98,6 +113,7 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(real_data_dir, tmp_path, cap
         ("speed", ["--quick", "--results", "README.md"], "--results README.md is a file, not a folder"),
         ("footwear", ["--images", "0"], "--images 0: use a number from 1 to 10000"),
         ("footwear", ["--runs", "README.md"], "--runs README.md: not a folder"),
+        ("defaults", ["--quick", "--baseline", "no-such-commit", "--results", "{tmp}"], "--baseline no-such-commit"),
         *[(name, ["--device", "gpu", "--results", "{tmp}"], "--device gpu") for name in DEVICE_CHECKED],
     ],
 )

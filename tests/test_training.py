@@ -159,6 +159,25 @@ def test_cnn_trains_with_momentum_zero_as_its_settings_allow(real_data_dir, out_
     assert [r["status"] for r in records] == ["completed", "completed"]
 
 
+def test_a_fixed_conv1_keeps_the_training_images_patterns_and_the_rest_trains(real_data_dir, out_dir):
+    """FIXED_CONV1: conv1 holds the 3x3 patches' principal directions (orthonormal), mixtures of them and each
+    negated, untouched by training; with --no-fixed-conv1 conv1 trains."""
+    for fixed in ("--fixed-conv1", "--no-fixed-conv1"):
+        cnn.main(SMALL + [fixed, "--out-dir", str(out_dir / fixed)])
+    hp = common.parse_hparams(vars(cnn), SMALL)
+    data, _ = common.to_device_normalized(
+        common.load_splits(real_data_dir, hp.subset, hp.val_size, hp.seed), torch.device("cpu")
+    )
+    filters = cnn.pattern_filters(data.train[0], hp.seed).view(32, 9)
+    assert torch.allclose(filters[:9] @ filters[:9].T, torch.eye(9), atol=1e-5) and torch.equal(
+        filters[16:], -filters[:16]
+    )
+    for fixed, kept in (("--fixed-conv1", True), ("--no-fixed-conv1", False)):
+        (weights,) = (out_dir / fixed).glob("*/model.pt")
+        conv1 = torch.load(weights, weights_only=True)["features.0.weight"].view(32, 9)
+        assert torch.equal(conv1, filters) == kept, fixed
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning-rate schedule and the weight average
 
