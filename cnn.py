@@ -13,7 +13,7 @@ import torch.nn.functional as F
 # What each one buys, measured over seeds, is in RESULTS.md.
 EPOCHS = 18  # passes over the training split
 BATCH_SIZE = 256  # images per optimizer step
-LR = 0.1  # peak learning rate of SGD with Nesterov momentum (linear warm-up, then cosine decay to 0)
+LR = 0.2  # peak learning rate of SGD with Nesterov momentum (linear warm-up, then cosine decay to 0)
 MOMENTUM = 0.9  # SGD momentum, in [0, 1)
 WEIGHT_DECAY = 2.5e-4  # L2 penalty on all weights, >= 0
 WARMUP = 0.2  # fraction of the steps spent warming the learning rate up, in (0, 1)

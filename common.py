@@ -325,9 +325,9 @@ def tta_views(x, flip=False, max_shift=0, background=None):
 
 
 @torch.inference_mode()
-def predict(model, x, amp, tta_flip=False, tta_shift=0, chunk=2048):
-    """Logits for all of x, `chunk` images per forward pass (the memory it takes grows with it); with tta_flip or
-    tta_shift, averaged over `tta_views`."""
+def predict(model, x, amp, tta_flip=False, tta_shift=0, chunk=256):
+    """Logits for all of x, `chunk` images per forward pass (small enough that a chunk's activations stay in the
+    CPU's caches); with tta_flip or tta_shift, averaged over `tta_views`."""
     model.eval()
     background = float(x.min()) if len(x) else 0.0  # one value for all chunks: the black pixel
     chunks = []
@@ -339,7 +339,7 @@ def predict(model, x, amp, tta_flip=False, tta_shift=0, chunk=2048):
     return torch.cat(chunks)
 
 
-def evaluate(model, x, y, amp, tta_flip=False, tta_shift=0, chunk=2048):
+def evaluate(model, x, y, amp, tta_flip=False, tta_shift=0, chunk=256):
     """(cross-entropy loss, accuracy) of the model on x, y; (None, None) when x is empty."""
     if not len(x):
         return None, None

@@ -1,11 +1,14 @@
 """Throughput of cnn.py's training step (forward, backward, fused SGD step) in a few layouts and formulations,
-side by side on one machine, and its FLOP rate against a 2048x2048 matmul of the same precision.
+side by side on one machine, and its FLOP rate against a 2048x2048 matmul of the same precision; then the
+evaluation's (common.predict, no test-time views) in chunks of 2048 and 256 images.
 
     python benchmarks/cnn_step.py                 # 30 timed steps per variant, 3 alternating repeats, medians
     python benchmarks/cnn_step.py --steps 2 --repeats 1    # smoke run for the test suite
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 python benchmarks/cnn_step.py
+                                                  # glibc keeping freed memory instead of returning it each step
 
-Variants: the script's (channels_last, batch 256, max pooling), batch 512, the NCHW layout, and max pooling as
-a reshape + amax (which autograd differentiates without pooling indices).
+Variants: the script's (channels_last, batch 256, max pooling, conv1 fixed), conv1 trained, batch 512, the NCHW
+layout, and max pooling as a reshape + amax (which autograd differentiates without pooling indices).
 """
 
 import argparse
@@ -31,22 +34,26 @@ class AmaxPool(nn.Module):
         return x.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2)).amax((3, 5))
 
 
-VARIANTS = {
-    "the script's: channels_last, batch 256, MaxPool2d": (256, torch.channels_last, False),
-    "batch 512": (512, torch.channels_last, False),
-    "NCHW layout": (256, torch.contiguous_format, False),
-    "pooling as reshape + amax": (256, torch.channels_last, True),
-    "pooling as reshape + amax, NCHW": (256, torch.contiguous_format, True),
+VARIANTS = {  # batch, layout, pooling as amax, conv1 trained
+    "the script's: channels_last, batch 256, MaxPool2d, conv1 fixed": (256, torch.channels_last, False, False),
+    "conv1 trained (--no-fixed-conv1)": (256, torch.channels_last, False, True),
+    "batch 512": (512, torch.channels_last, False, False),
+    "NCHW layout": (256, torch.contiguous_format, False, False),
+    "pooling as reshape + amax": (256, torch.channels_last, True, False),
+    "pooling as reshape + amax, NCHW": (256, torch.contiguous_format, True, False),
 }
+CHUNKS = (2048, 256)  # images per forward pass in evaluation
 
 
-def images_per_second(batch, layout, amax, steps, dtype):
+def images_per_second(batch, layout, amax, conv1_trained, steps, dtype):
     torch.manual_seed(0)
     model = cnn.CNN(cnn.FC_WIDTH, cnn.DROPOUT)
     if amax:
         model.features[1], model.features[5] = AmaxPool(), AmaxPool()
+    model.features[0].weight.requires_grad_(conv1_trained)
     model = model.to(memory_format=layout)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, fused=True)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trained, lr=0.01, momentum=0.9, nesterov=True, fused=True)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cnn.LABEL_SMOOTHING)
     x, y = torch.randn(4 * batch, 1, 28, 28), torch.randint(0, 10, (4 * batch,))
 
@@ -64,6 +71,17 @@ def images_per_second(batch, layout, amax, steps, dtype):
     for i in range(steps):
         step(i)
     return steps * batch / (time.perf_counter() - start)
+
+
+def evaluated_per_second(chunk, images, dtype):
+    """Images a second through common.predict (evaluation mode, inference_mode), `chunk` per forward pass."""
+    model = cnn.CNN(cnn.FC_WIDTH, cnn.DROPOUT).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(images, 1, 28, 28)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    common.predict(model, x[:chunk], amp, chunk=chunk)  # oneDNN picks its kernels
+    start = time.perf_counter()
+    common.predict(model, x, amp, chunk=chunk)
+    return images / (time.perf_counter() - start)
 
 
 def matmul_flops(dtype):
@@ -88,9 +106,12 @@ def main(argv=None):
         raise plumbing.UserError("--steps and --repeats take a count of at least 1")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     rates = {name: [] for name in VARIANTS}
+    evaluated = {chunk: [] for chunk in CHUNKS}
     for _ in range(args.repeats):
         for name, variant in VARIANTS.items():
             rates[name].append(images_per_second(*variant, args.steps, dtype))
+        for chunk in CHUNKS:  # as many images as the timed steps train, at least two chunks of the largest
+            evaluated[chunk].append(evaluated_per_second(chunk, max(2 * CHUNKS[0], args.steps * 256), dtype))
     model = cnn.CNN(cnn.FC_WIDTH, cnn.DROPOUT)
     macs = sum(m.weight.numel() * (28 * 28 if i == 0 else 14 * 14) for i, m in enumerate(model.features[::4]))
     macs += sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
@@ -100,6 +121,8 @@ def main(argv=None):
         ips = statistics.median(values)
         flops = 3 * 2 * macs * ips  # forward and two backward products, 2 FLOP per multiply-add
         print(f"{name}: {ips:,.0f} img/s, {flops / 1e9:.0f} GFLOP/s, {flops / peak:.0%} of the matmul")
+    for chunk, values in evaluated.items():
+        print(f"evaluation in chunks of {chunk}: {statistics.median(values):,.0f} img/s")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,9 @@ def test_footwear_benchmark_on_the_default_cnn(runs, tmp_path, capsys):
 def test_cnn_step_benchmark_smoke(capsys):
     assert common.run_main(importlib.import_module("cnn_step").main, ["--steps", "1", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert "matmul" in lines[0] and len(lines) == 6
-    assert all(re.search(r"[\d,]+ img/s, \d+ GFLOP/s, \d+% of the matmul$", line) for line in lines[1:])
+    assert "matmul" in lines[0] and len(lines) == 9
+    assert all(re.search(r"[\d,]+ img/s, \d+ GFLOP/s, \d+% of the matmul$", line) for line in lines[1:7])
+    assert all(re.fullmatch(r"evaluation in chunks of \d+: [\d,]+ img/s", line) for line in lines[7:])
 
 
 def test_gpu_check_smoke_runs_every_step_on_the_cpu(real_data_dir, tmp_path, capsys):
