@@ -69,6 +69,7 @@ def pattern_filters(images, seed):
     """conv1's filters when FIXED_CONV1 (as airbench fixes its first layer): the 9 directions in which the 3x3
     patches of the first 10,000 training images vary most (their principal components), 7 random mixtures of them
     leaning to the rarer ones, and each of these 16 negated (the max pool after conv1 keeps only one sign)."""
+    # On the CPU in double precision (MPS has none): a small eigenproblem, once, before training.
     patches = F.unfold(images[:10_000].cpu().float(), 3, padding=1).transpose(1, 2).reshape(-1, 9).double()
     variance, directions = torch.linalg.eigh(patches.T @ patches / len(patches))
     whitened = directions.T / (variance.sqrt()[:, None] + 1e-2)  # each scaled by its rarity
@@ -112,7 +113,7 @@ def main(argv=None):
 
         # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
         model = CNN(hp.fc_width, hp.dropout).to(device, memory_format=torch.channels_last)
-        if hp.fixed_conv1:  # a tenth off every step, and no worse (RESULTS.md): its gradient is never computed
+        if hp.fixed_conv1:  # its gradient is never computed: a quicker step (RESULTS.md measures what it costs)
             model.features[0].weight.requires_grad_(False).copy_(pattern_filters(data.train[0], hp.seed))
         optimizer = torch.optim.SGD(
             [p for p in model.parameters() if p.requires_grad],

@@ -5,7 +5,7 @@ upscaled, off centre) in each condition below: sensor noise, uneven lighting, a 
 centre, mirrored, and combined. Each photo is prepared as predict.py prepares one and classified by a run's
 model, rebuilt as predict.py rebuilds it. Per condition: the share of photos that get the class the original
 28x28 image gets (agreement), the share that get the right class (accuracy), and the share that predict.py
-warns about (photo_problem: blank, a tiny item, one cut off), which should be none. The last condition,
+warns about (prepare's problem: blank, a tiny item, one cut off), which should be none. The last condition,
 "varied", draws every setting at random per image, with a generator and a lighting model of its own (a smooth
 random field, not the gradients above), so that the preparation is not judged only on the renderer it was
 written for.
