@@ -3,7 +3,7 @@
 Run `python cnn.py`, or override any constant below from the command line (`python cnn.py --epochs 5`).
 """
 
-import common  # first: then a Ctrl-C while torch loads ends in one line
+import common  # first: from here on a Ctrl-C, even while torch loads, ends the program in one line
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ LABEL_SMOOTHING = 0.1  # share of each target spread over the other classes, in 
 MAX_SHIFT = 1  # random translation of training images, in pixels (0 = off)
 FLIP = True  # mirror training images left-right at random, so that shoes facing right are recognised
 EMA_DECAY = 0.0  # moving average of the weights, evaluated instead of them, in [0, 1) (0 = off)
-TTA_FLIP = True  # at evaluation, average the predictions on each image and its mirror (needs FLIP)
+TTA_FLIP = True  # at evaluation, average the predictions on each image and its mirror (off whenever FLIP is)
 TTA_SHIFT = 1  # final evaluation also averages over views moved 1..N px up, down, left, right (0 = off)
 VAL_SIZE = 5000  # training images held out for validation, class-balanced (0 = train on all 60,000)
 SUBSET = 0  # use only the first N training and N test images, for quick dry runs (0 = all)
@@ -100,11 +100,12 @@ def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, ema, amp, sca
 
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv)
+    hp.tta_flip = hp.tta_flip and hp.flip  # mirrored images would mislead a model never trained on them
     device = common.pick_device(hp.device)  # auto: CUDA, then Apple's MPS, then the CPU
     precision = common.pick_precision(hp.precision, device)  # auto: 16 bits where the device has the units for it
     amp = common.autocast(device, precision)  # the context the forward passes run in
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
-    with common.Run("cnn", hp, device, precision, hp.out_dir) as run:
+    with common.Run("cnn", hp, device, precision) as run:
         torch.manual_seed(hp.seed)
         data_dir = common.find_fashion_mnist(hp.data_dir)
         splits = common.load_splits(data_dir, hp.subset, hp.val_size, hp.seed)
@@ -130,10 +131,10 @@ def main(argv=None):
         loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
         generator = torch.Generator(device).manual_seed(hp.seed)  # batch order and augmentation
 
-        black = float(data.train[0].min())  # the background pixel, normalised: read once, not at every step
+        background = float(data.train[0].min())  # a black pixel, normalised: read once, not at every step
 
         def augment(images):
-            return common.random_flip_and_shift(images, hp.max_shift, generator, hp.flip, black)
+            return common.random_flip_and_shift(images, hp.max_shift, generator, hp.flip, background)
 
         views = (1 + hp.tta_flip) * (1 + 4 * hp.tta_shift)  # each image, its shifts and their mirrors, at the end
         trained = {
@@ -152,7 +153,7 @@ def main(argv=None):
         train_acc = common.evaluate(evaluated, *sample, amp, hp.tta_flip, hp.tta_shift)[1]
         val_acc = common.evaluate(evaluated, *data.val, amp, hp.tta_flip, hp.tta_shift)[1]
         # The test set, evaluated once, after training: every choice was made on validation.
-        test_logits = common.predict(evaluated, data.test[0], amp, hp.tta_flip, hp.tta_shift)
+        test_logits = common.compute_logits(evaluated, data.test[0], amp, hp.tta_flip, hp.tta_shift)
         test_loss, test_acc = common.scores(test_logits, data.test[1])
         final = dict(train_acc=train_acc, val_acc=val_acc, test_acc=test_acc, test_loss=test_loss)
         mistakes = (common.plot_misclassified, "misclassified.png", splits.test[0], splits.test[1], test_logits.cpu())
@@ -163,4 +164,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(common.run_main(main))
+    raise SystemExit(common.run_main(main, memory=["BATCH_SIZE", "FC_WIDTH"]))  # what to lower if memory runs out

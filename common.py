@@ -1,38 +1,24 @@
-"""The toolbox that ann.py, cnn.py and resnet_transfer.py share, in the order a run uses it.
+"""The toolbox that ann.py, cnn.py and resnet_transfer.py share about training, in the order a run uses it.
 
 The device and precision, the data, augmentation, the learning-rate schedule and the weight average, batches and
-the running tally of an epoch, evaluation, the run's record, plots. Models, optimizers, recipes, the training
+the running tally of an epoch, evaluation, and the figures a run shows. Models, optimizers, recipes, the training
 step and the test evaluation are what a reader came to see, so they live in the scripts. What keeps a run safe
-(checked settings, verified files, atomic writes, clean stops) is in plumbing/, out of the way.
+(checked settings, verified files, the run folder written atomically, clean stops) is the machinery in plumbing/:
+the scripts call it by the four names imported from it below, and never need to open it.
 """
 
+from plumbing import stops  # noqa: F401  first: from here on, a Ctrl-C or a stop ends the program in one line
+from plumbing.data import FILES, find_fashion_mnist, find_file, read_idx
+from plumbing.runs import Run  # noqa: F401  (for the scripts: the run folder, its record and weights)
+from plumbing.settings import check_device, parse_hparams  # noqa: F401  (parse_hparams: for the scripts)
+from plumbing.stops import Diverged, UserError, run_main  # noqa: F401  (run_main: for the scripts)
+
 import collections
-import contextlib
 import copy
-import datetime
-import io
-import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
-
-from plumbing import (  # noqa: F401  (parse_hparams and run_main: for the scripts)
-    FILES,
-    Diverged,
-    UserError,
-    atomic_write,
-    check_device,
-    find_fashion_mnist,
-    find_file,
-    new_run_folder,
-    parse_hparams,
-    read_idx,
-    run_main,
-    save_tensors,
-    signals_deferred,
-)
 
 import numpy as np
 import torch
@@ -103,13 +89,17 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
-def device_name(device):
-    """The device as a run records it: the GPU with its capability and memory, or the CPU and its threads."""
+def device_name(device, units=False):
+    """The device as a run records it: the GPU with its capability and memory, or the CPU and its threads (with
+    `units`, and whether it has bf16 units)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         memory = torch.cuda.get_device_properties(device).total_memory / 2**30
         return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}, {memory:.0f} GiB"
-    return f"{cpu_model()}, {torch.get_num_threads()} threads" if device.type == "cpu" else device.type
+    if device.type != "cpu":
+        return device.type
+    bf16 = f", {'with' if has_fast('bf16', device) else 'no'} bf16 units" if units else ""
+    return f"{cpu_model()}, {torch.get_num_threads()} threads{bf16}"
 
 
 def cpu_model():
@@ -325,7 +315,7 @@ def tta_views(x, flip=False, max_shift=0, background=None):
 
 
 @torch.inference_mode()
-def predict(model, x, amp, tta_flip=False, tta_shift=0, chunk=256):
+def compute_logits(model, x, amp, tta_flip=False, tta_shift=0, chunk=256):
     """Logits for all of x, `chunk` images per forward pass (small enough that a chunk's activations stay in the
     CPU's caches); with tta_flip or tta_shift, averaged over `tta_views`."""
     model.eval()
@@ -343,7 +333,7 @@ def evaluate(model, x, y, amp, tta_flip=False, tta_shift=0, chunk=256):
     """(cross-entropy loss, accuracy) of the model on x, y; (None, None) when x is empty."""
     if not len(x):
         return None, None
-    return scores(predict(model, x, amp, tta_flip, tta_shift, chunk), y)
+    return scores(compute_logits(model, x, amp, tta_flip, tta_shift, chunk), y)
 
 
 def scores(logits, labels):
@@ -363,153 +353,7 @@ def confusion_matrix(logits, labels):
 
 
 # ----------------------------------------------------------------------------------------------
-# The run: a folder per run with metrics.json (rewritten atomically after every epoch), plots and weights.
-
-
-class Run:
-    """One training run's folder and record: what main() hands it, recorded as handed. A run that trained an epoch
-    keeps its record, curves and the weights of its last finished epoch whatever ends it; one that fails before
-    its first epoch leaves no folder behind."""
-
-    def __init__(self, script, hp, device, precision, out_dir):
-        self.script, self.started, self.unsaved, self.reported = script, time.perf_counter(), None, False
-        started = datetime.datetime.now().isoformat(timespec="seconds")
-        self.record = {"script": script, "status": "running", "device": str(device), "device_name": device_name(device)}
-        self.record.update(precision=precision, torch_version=torch.__version__, started=started)  # precision: what ran
-        self.record.update(hparams={k.upper(): v for k, v in vars(hp).items()}, history=[], final=None)  # as asked
-        units = f", {'with' if has_fast('bf16', device) else 'no'} bf16 units" if device.type == "cpu" else ""
-        print(f"{script}: device={device} ({self.record['device_name']}{units}) precision={precision}")
-        print("  " + "  ".join(f"{k.lower()}={v}" for k, v in self.record["hparams"].items()), flush=True)
-        self.dir = new_run_folder(out_dir, script)  # after the flush: an output that fails first (stdout on a
-        print(f"  run folder: {self.dir}")  # full disk) leaves no empty folder behind
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        """How the run ended, recorded: interrupted (Ctrl-C, a signal, a closed output), diverged or failed."""
-        if exc_type is None or self.reported:  # e.g. Ctrl-C while a figure is drawn: the run is complete
-            return False
-        stopped = issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError))
-        status = "interrupted" if stopped else "diverged" if exc_type is Diverged else "failed"
-        with signals_deferred():
-            if status == "failed" and not self.record["history"]:
-                with contextlib.suppress(OSError):
-                    self.dir.rmdir()  # empty: nothing is written before the first epoch
-                return False
-            if status == "failed":
-                self.record["error"] = (str(exc).splitlines() or [exc_type.__name__])[0]
-            self.record["status"] = status
-            self.save()
-            done = len(self.record["history"])
-            print(
-                f"{self.script}: {status} after {done} epoch(s); record in {self.dir / 'metrics.json'}", file=sys.stderr
-            )
-            if done:
-                self.draw(plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
-        return False
-
-    def start_training(self, data, model, evaluated, epochs, views, trained):
-        """Record the split sizes and the trainable parameters, print the epoch table's header and start the clock.
-
-        `evaluated` is the model whose weights are saved after each epoch (the weight average, where there is one);
-        `views` the test-time views the final evaluation averages, for the estimate; `trained` how the training
-        batches differ from an evaluation ({words: whether they apply}), for the curves' legend."""
-        sizes = {name: len(split[0]) for name, split in data._asdict().items()}
-        self.record.update(
-            split_sizes=sizes, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad)
-        )
-        self.kept_model, self.epochs = getattr(evaluated, "module", evaluated), epochs
-        # The final evaluation, in epochs: a training image costs about 3 forward passes, each view evaluated 1.
-        self.final_cost = (min(sizes["train"], TRAIN_SAMPLE) + sizes["val"] + sizes["test"]) * views
-        self.final_cost /= 3 * sizes["train"] + sizes["val"]
-        batches = ", ".join(words for words, applies in trained.items() if applies)
-        average = ", weight average" if evaluated is not model else ""
-        self.legend = ("training batches" + (f" ({batches})" if batches else ""), f"validation (evaluated{average})")
-        self.views = views
-        print("epoch train_loss train_acc val_loss val_acc        lr seconds")
-        print("      (train: the batches as trained; val: each image once; lr: where the epoch ends)")
-        self.epoch_started = time.perf_counter()
-
-    def log_epoch(self, epoch, train_loss, train_acc, val_loss, val_acc, lr):
-        """Save the epoch's weights, then add its row to the record (saved at once), and print it."""
-        seconds, unsaved = time.perf_counter() - self.epoch_started, self.unsaved
-        with signals_deferred():  # a stop waits until the weights and the record that names them are both written
-            try:
-                save_tensors(self.dir / "model.pt", self.kept_model.state_dict())
-                self.record["model_pt"], self.unsaved = f"weights after epoch {epoch}", None
-            except UserError as error:  # a full disk: training goes on, so that its accuracies are recorded
-                self.unsaved = error
-            row = {"epoch": epoch, "train_batch_loss": train_loss, "train_batch_acc": train_acc}
-            row.update(val_loss=val_loss, val_acc=val_acc, lr=lr, seconds=seconds)
-            self.record["history"].append(row)
-            self.save()
-        if self.unsaved is not None and unsaved is None:  # said once, and only if the record could be written
-            print(f"{self.script}: warning: {self.unsaved}; training goes on without saving weights", file=sys.stderr)
-        val = f"{val_loss:>8.4f} {val_acc:>7.2%}" if val_loss is not None else f"{'-':>8} {'-':>7}"
-        print(f"{epoch:>5} {train_loss:>10.4f} {train_acc:>9.2%} {val} {lr:>9.2e} {seconds:>7.1f}", flush=True)
-        if epoch == 2 and self.epochs > 2:  # the first epoch pays one-off costs, so the second sets the pace
-            minutes = (time.perf_counter() - self.started + seconds * (self.epochs - 2 + self.final_cost)) / 60
-            print(f"      (about {minutes:.1f} min in all at this pace, the final evaluation included)")
-        self.epoch_started = time.perf_counter()
-
-    def finish(self, final, confusion, figures=()):
-        """The end of the run: records and prints the final accuracies and the test confusion matrix, then draws
-        the curves, the confusion matrix and `figures` ((plot, file name, *arguments), ...). The weights are those
-        of the last epoch, saved when it ended."""
-        self.record["final"] = final = {**final, "seconds": time.perf_counter() - self.started}
-        per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-        self.record.update(
-            per_class_test_acc=dict(zip(CLASSES, per_class, strict=True)), test_confusion=confusion.tolist()
-        )
-        if self.unsaved is None:
-            self.record["model_pt"] = f"final weights, as evaluated (after epoch {len(self.record['history'])})"
-        self.record["status"], self.reported = "completed", True
-        self.save()
-        accuracies = " ".join(
-            f"{k}={'n/a' if final[k] is None else f'{final[k]:.2%}'}" for k in ("train_acc", "val_acc", "test_acc")
-        )
-        sampled = self.record["split_sizes"]["train"] > TRAIN_SAMPLE
-        how = (f"train: a sample of {TRAIN_SAMPLE:,}; " if sampled else "") + f"{self.views} view(s) of each image"
-        print(f"{self.script}: {accuracies} seconds={final['seconds']:.1f} ({how})", flush=True)
-        self.draw(plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
-        self.draw(plot_confusion, "confusion.png", confusion, f"{self.script}: test confusion, rows = true class")
-        for plot, name, *arguments in figures:
-            self.draw(plot, name, *arguments)
-        if self.unsaved is not None:
-            raise UserError(f"{self.unsaved}; the accuracies are recorded in {self.dir / 'metrics.json'}")
-
-    def draw(self, plot, name, *args):
-        """The figure plot(*args) into the run folder. One that cannot be drawn (a full disk, a broken matplotlib)
-        is named on stderr, and the run stands: its record and weights are written first."""
-        try:
-            draw(plot, self.dir / name, *args)
-        except UserError as error:
-            print(f"{self.script}: {error}", file=sys.stderr)
-
-    def save(self):
-        atomic_write(self.dir / "metrics.json", json.dumps(self.record, indent=2, allow_nan=False).encode())
-
-
-# ----------------------------------------------------------------------------------------------
-# Plots: each returns a matplotlib Figure (the Agg canvas: it never blocks and needs no display); draw() writes it.
-
-
-def draw(plot, path, *args):
-    """The figure plot(*args), written to path as every output is (atomic_write: a link planted there is replaced,
-    never followed), in matplotlib's default style whatever a matplotlibrc asks (text.usetex would need LaTeX).
-    Whatever stops it (a full disk, a read-only folder, a matplotlib that fails) is a UserError naming the file."""
-    import matplotlib.style
-
-    try:
-        buffer = io.BytesIO()
-        with matplotlib.style.context("default"):
-            plot(*args).savefig(buffer, format=path.suffix.lstrip(".").lower() or "png")
-        atomic_write(path, buffer.getvalue())
-    except Exception as error:  # atomic_write's UserError included
-        reason = str(error).splitlines()[0] if str(error) else ""
-        reason = reason if isinstance(error, UserError) else f"{type(error).__name__}: {reason}".rstrip(": ")
-        raise UserError(f"{path.name} not drawn ({reason})") from None
+# The figures a run shows: each plot returns a matplotlib Figure (the Agg canvas: it never blocks and needs no display).
 
 
 def plot_curves(history, labels, title):
@@ -556,6 +400,21 @@ def plot_confusion(confusion, title):
     ax.set_yticks(range(10), [f"{name} ({rates[i, i]:.1%})" for i, name in enumerate(CLASSES)])
     ax.set(xlabel="predicted class", ylabel="true class (per-class accuracy)", title=title)
     fig.tight_layout()
+    return fig
+
+
+def plot_training_images(images, labels):
+    """The first training images with their labels, as the model sees them (light item on black)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 7.5), dpi=100)
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
+        ax = fig.add_subplot(5, 6, k + 1)
+        ax.imshow(image.mean(0).numpy(), cmap="gray")
+        ax.set_title(CLASSES[label], fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"the first {len(images)} training images and their labels")
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, wspace=0.15, hspace=0.4)
     return fig
 
 

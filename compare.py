@@ -1,30 +1,16 @@
 """Compare training runs: runs that differ only in their seed form a group, judged on validation accuracy.
 
-Run `python compare.py` after a few runs of ann.py, cnn.py or resnet_transfer.py (several seeds of each
-setting: see the README); `--script cnn --last 6` narrows the list and `--reference B` picks the group the
-others are compared against. The table gives each group's final validation and test accuracy over its seeds
-(mean ± sd, in %); the settings that differ between groups are listed below it, and `compare.png` shows each
-group's per-epoch validation accuracy (mean line, min-max band over seeds).
-
-Groups are judged only against a reference trained alike: the same script, SUBSET, VAL_SIZE and EPOCHS (other
-data or another schedule moves accuracy by more than any setting, so such a group's cell says "not comparable"
-and which of these differ, instead of a verdict). Unless --reference names one, the reference is the first group
-with two or more seeds among those trained alike with the most such groups (else the first group), and a line
-below the table says why it was chosen: a one-seed dry run is never the reference, and a folder of old runs on
-another schedule does not leave the new ones unjudged.
-
-The verdict is on validation accuracy, the split settings are chosen on; test accuracy is shown beside it for
-reporting only. Runs with the same settings and the same seed are repeats, not seed spread: they are averaged to
-one value per seed first, so a copied run folder changes nothing. Groups that share two or more seeds are
-compared seed by seed (the same seed gives the same split and initialisation, so much of the seed noise cancels):
-a paired t-test on the per-seed differences; seeds only one of the two has are left out of that verdict (not of
-the table's means), marked with "*" and named in a note below the table. Other groups are compared unpaired, with
-Welch's t-test. Either way the difference, in percentage points, comes with the half-width of its two-sided 95%
-interval from Student's t with the right degrees of freedom, and is called beyond the seed noise when the interval
-excludes zero. No verdict is given without a measured spread: for a group with a single seed, nor when the
-standard error is zero (paired differences all equal, or no seed moved either group), which says only that too
-few seeds were run, not that the difference is certain.
+Run `python compare.py` after a few runs of ann.py, cnn.py or resnet_transfer.py (several seeds of each setting:
+see the README); `--script cnn --last 6` narrows the list and `--reference B` picks the group the others are
+compared against. The table gives each group's final validation and test accuracy over its seeds (mean ± sd, in
+%) and its verdict against the reference: a paired t-test on shared seeds, else Welch's, with the difference's
+95% interval, "beyond seed noise" when it excludes 0. Only groups trained alike (script, SUBSET, VAL_SIZE,
+EPOCHS) are judged; no verdict is given without a measured spread. The figure draws what the table judges.
+How groups, the reference and the verdict are formed, and what a verdict means: docs/compare.md.
 """
+
+import common
+from plumbing import files, runs
 
 import json
 import math
@@ -32,10 +18,6 @@ import statistics
 import sys
 import textwrap
 from typing import NamedTuple
-
-import common
-import plumbing
-from plumbing import reading
 
 # --- Settings: each one is also a flag (LAST -> --last).
 OUT_DIR = ""  # folder holding the run folders ("" = runs/ beside this script)
@@ -58,68 +40,30 @@ CHECKS = {
 
 def load_runs(out_dir):
     """(folder, record) of every readable run, oldest first; unreadable ones are skipped with a warning."""
-    runs = []
+    found = []
     try:
         folders = sorted(p for p in out_dir.iterdir() if p.is_dir())
     except OSError as error:
-        raise plumbing.UserError(f"--out-dir {out_dir}: cannot list it ({error.strerror})") from None
+        raise common.UserError(f"--out-dir {out_dir}: cannot list it ({error.strerror})") from None
     for folder in folders:
         path = folder / "metrics.json"
         if not path.is_file():  # a folder without a record, or with a pipe or a device in its place
             print(f"warning: skipping {folder.name}: no metrics.json file", file=sys.stderr)
             continue
         try:
-            record = reading.read_record(path)
-        except plumbing.UserError as error:
+            record = runs.read_record(path)
+        except common.UserError as error:
             print(f"warning: skipping {folder.name}: {error}", file=sys.stderr)
             continue
-        record.setdefault("history", [])
-        reason = problem(record)
-        if reason:
+        if (record.get("final") or {}).get("test_acc") is not None and record["final"].get("val_acc") is None:
+            reason = "trained without a validation split (--val-size 0), so there is nothing to judge it on"
             print(f"warning: skipping {folder.name}: {reason}", file=sys.stderr)
             continue
-        runs.append((folder, record))
-    return sorted(runs, key=lambda run: run[1].get("started", ""))
+        found.append((folder, record))
+    return sorted(found, key=lambda run: run[1].get("started", ""))
 
 
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def is_finite(value):
-    """A number that is not NaN or infinite (nor an integer too large for a float, which math.isfinite rejects
-    with an OverflowError)."""
-    return is_number(value) and abs(value) < 1e300
-
-
-def is_accuracy(value):
-    """A fraction of images: json.loads turns NaN and Infinity into floats, which would poison every mean."""
-    return is_number(value) and 0 <= value <= 1
-
-
-def problem(record):
-    """Why a parsed metrics.json cannot be listed (None when it can): what compare.py reads must have its type."""
-    if not isinstance(record, dict) or not isinstance(record.get("hparams"), dict):
-        return "not a run record"
-    if not isinstance(record["history"], list) or not all(isinstance(h, dict) for h in record["history"]):
-        return "its history is not a list of epochs"
-    for h in record["history"]:
-        if not is_finite(h.get("epoch")) or not (h.get("val_acc") is None or is_number(h["val_acc"])):
-            return "an epoch without a number for epoch or val_acc"
-    final = record.get("final")
-    if final is not None:
-        if not isinstance(final, dict):
-            return "its final results are not a table of numbers"
-        if not (final.get("seconds") is None or is_finite(final["seconds"])):  # only the fields read are checked
-            return f"final seconds is {final['seconds']!r}, not a number"
-        if final.get("val_acc") is None and is_accuracy(final.get("test_acc")):
-            return "trained without a validation split (--val-size 0), so there is nothing to judge it on"
-        for name in ("val_acc", "test_acc"):
-            if not is_accuracy(final.get(name)):
-                return f"final {name} is {final.get(name, 'missing')}, not an accuracy in [0, 1]"
-    if not isinstance(record.get("started", ""), str) or not isinstance(record.get("script", ""), str):
-        return "its start time or script name is not text"
-    return None
+is_number = runs.is_number
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,22 +71,30 @@ def problem(record):
 
 
 class Group(NamedTuple):
+    name: str  # its letter: A, B, ... in order of first appearance among all the folder's runs
     script: str
     settings: dict  # the hyperparameters but NOT_COMPARED
     records: list  # every completed run of the group, repeats included
     seeds: dict  # {seed (as JSON text): [record, ...]}: more than one record is a repeat of that seed
 
 
-def group_runs(runs):
-    """The groups of the completed runs, in order of first appearance."""
+def group_key(record):
+    settings = {k: v for k, v in record["hparams"].items() if k not in NOT_COMPARED}
+    # A seed gives the same numbers only on the same hardware in the same precision: pair only those.
+    settings.update(device=record.get("device_name"), precision=record.get("precision"))
+    return record.get("script") or "?", json.dumps(settings, sort_keys=True)
+
+
+def group_runs(chosen, every):
+    """The groups of the completed runs `chosen`, in order of first appearance. Each is named by its place among
+    the groups of `every` run in the folder, so that a group keeps its letter whatever --script and --last pick."""
+    completed = [record for _, record in every if record.get("status") == "completed" and record.get("final")]
+    names = {key: label(i) for i, key in enumerate(dict.fromkeys(map(group_key, completed)))}
     groups = {}
-    for _, record in runs:
+    for _, record in chosen:
         if record.get("status") == "completed" and record.get("final"):
-            settings = {k: v for k, v in record["hparams"].items() if k not in NOT_COMPARED}
-            # A seed gives the same numbers only on the same hardware in the same precision: pair only those.
-            settings.update(device=record.get("device_name"), precision=record.get("precision"))
-            key = (record.get("script") or "?", json.dumps(settings, sort_keys=True))
-            group = groups.setdefault(key, Group(key[0], settings, [], {}))
+            key = group_key(record)
+            group = groups.setdefault(key, Group(names[key], key[0], json.loads(key[1]), [], {}))
             group.records.append(record)
             group.seeds.setdefault(json.dumps(record["hparams"].get("SEED"), sort_keys=True), []).append(record)
     return list(groups.values())
@@ -276,6 +228,13 @@ def compare(group, reference):
     return interval(difference, error, df, f"Welch t, n={len(a)}+{len(b)}")
 
 
+no_spread_note = (
+    "no spread measured: the 95% interval is measured from how the per-seed differences vary (their sd, over n-1 "
+    "degrees of freedom); equal differences show none, which says too few seeds were run, not that the difference "
+    "is certain."
+)
+
+
 def interval(difference, error, df, how, no_spread=1e-6):
     """The comparison with its 95% interval; with no spread measured, none (an interval of zero width would
     call any difference beyond the seed noise). A standard error below `no_spread` points is float rounding:
@@ -320,7 +279,7 @@ def judge(groups, reference):
             comparison = compare(group, groups[reference])
             cells.append(verdict(comparison))
             if any(comparison.left_out):
-                left_out.append(left_out_note(label(index), label(reference), comparison))
+                left_out.append(left_out_note(group.name, groups[reference].name, comparison))
     return cells, left_out
 
 
@@ -342,13 +301,13 @@ def left_out_note(name, reference_name, comparison):
 def table(groups, reference, cells):
     """One row per group: n (seeds), validation and test accuracy, seconds per run, and its verdict cell against
     the group numbered `reference`."""
-    header = "val acc verdict" if reference is None else f"val acc vs {label(reference)} (95% interval)"
+    header = "val acc verdict" if reference is None else f"val acc vs {groups[reference].name} (95% interval)"
     rows = [("group", "script", "n", "val acc %", "test acc %", "seconds", header)]
     for index, group in enumerate(groups):
         seconds = [r["final"]["seconds"] for r in group.records if is_number(r["final"].get("seconds"))]
         rows.append(
             (
-                label(index),
+                group.name,
                 group.script,
                 str(len(group.seeds)),
                 spread(per_seed(group, "val_acc").values()),
@@ -366,9 +325,9 @@ def table(groups, reference, cells):
 def legend(groups, names):
     """One wrapped line per group below the table: its seeds and the settings that differ between groups."""
     lines = []
-    for index, group in enumerate(groups):
-        text = f"{label(index)}  {describe(group, names)}; seeds {seed_list(group)}"
-        lines.append(wrap(text, indent=len(label(index)) + 2))
+    for group in groups:
+        text = f"{group.name}  {describe(group, names)}; seeds {seed_list(group)}"
+        lines.append(wrap(text, indent=len(group.name) + 2))
     return "\n".join(lines)
 
 
@@ -388,53 +347,47 @@ def wrap(text, indent=0):
     return textwrap.fill(text, 120, subsequent_indent=" " * indent)
 
 
-def curve(records):
-    """{epoch: validation accuracy in %} averaged over `records` (one seed's repeats), where all have it."""
-    curves = [{h["epoch"]: 100 * h["val_acc"] for h in r["history"] if is_finite(h.get("val_acc"))} for r in records]
-    epochs = set.intersection(*(set(c) for c in curves))
-    return {e: statistics.mean(c[e] for c in curves) for e in epochs}
-
-
-def plot(groups, names, reference=0, legend_entries=10):
-    """Per-epoch validation accuracy of each group: the mean over its seeds, and a band from min to max; the
-    legend names the first `legend_entries` groups, the reference among them (more do not fit beside the
-    plot; the table lists them all)."""
-    import warnings
-
+def plot(groups, names, reference, most=20):
+    """compare.png: what the table judges, for the groups it judges against the reference (with no reference, those
+    trained like the first group; at most `most`). Left: each group's final validation accuracy, one dot per seed,
+    and its mean. Right: its difference from the reference in points, with the table's 95% interval: beyond seed
+    noise where the interval misses 0."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 5), dpi=100)
-    ax = fig.add_subplot()
-    named = set(range(legend_entries))
-    if reference is not None and reference not in named:
-        named = set(range(legend_entries - 1)) | {reference}
-    last = 1  # the last epoch drawn
-    for index, group in enumerate(groups):
-        curves = [curve(records) for records in group.seeds.values()]
-        epochs = sorted(set.intersection(*(set(c) for c in curves)))
-        if not epochs:
+    base = groups[0 if reference is None else reference]
+    drawn = [group for group in groups if not not_comparable(group, base)][:most]
+    fig = Figure(figsize=(12, 1.8 + 0.55 * len(drawn)), dpi=100)
+    left, right = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": (3, 2)})
+    for row, group in enumerate(drawn):
+        values = [100 * v for v in per_seed(group, "val_acc").values()]
+        left.plot(values, [row] * len(values), "o", color="tab:blue", alpha=0.6, markersize=6)
+        left.plot([statistics.mean(values)], [row], "|", color="black", markersize=18, markeredgewidth=2)
+        if reference is None or group is groups[reference]:
+            right.text(0, row, "no verdict" if reference is None else "reference", ha="center", va="center")
             continue
-        values, last = [[c[e] for c in curves] for e in epochs], max(last, epochs[-1])
-        line = ax.plot(epochs, [statistics.mean(v) for v in values], "o-", markersize=3)[0]
-        if index in named:
-            text = f"{label(index)}: {describe(group, names)}, n={len(group.seeds)}"
-            line.set_label(textwrap.fill(text, 40, subsequent_indent="    "))
-        if len(curves) > 1:
-            ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
-    common.epoch_axis(ax, last)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy per epoch (%)")
-    ax.set_title("groups as in the table; band: min to max over seeds")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        box = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-        for text in box.get_texts():
-            text.set_parse_math(False)  # a script name or setting from a record is never mathtext
-        if len(groups) > len(named):
-            box.set_title(f"{len(box.get_texts())} of {len(groups)} groups; all in the table", prop={"size": 8})
-    with warnings.catch_warnings():  # decorations too large to fit: tight_layout keeps the layout, and warns
-        warnings.simplefilter("ignore", UserWarning)
-        fig.tight_layout()
+        comparison = compare(group, groups[reference])
+        if comparison.half_width is None:
+            right.plot([comparison.difference], [row], "x", color="grey")
+        else:
+            beyond = abs(comparison.difference) > comparison.half_width
+            colour = "tab:green" if beyond and comparison.difference > 0 else "tab:red" if beyond else "grey"
+            right.errorbar(comparison.difference, row, xerr=comparison.half_width, fmt="o", color=colour, capsize=4)
+    labels = [textwrap.fill(f"{g.name}: {describe(g, names)}, n={len(g.seeds)}", 45) for g in drawn]
+    left.set_yticks(range(len(drawn)), labels, fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("final validation accuracy (%): dots are seeds, | their mean")
+    right.axvline(0, color="black", linewidth=0.8)
+    right.set_xlabel(
+        f"difference from {'the reference' if reference is None else groups[reference].name} (points), 95% interval"
+    )
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="x")
+    shown = ", ".join(group.name for group in drawn)
+    shown += f" ({len(drawn)} of {len(groups)})" if len(drawn) < len(groups) else ""
+    fig.suptitle(f"groups {shown}, as the table judges them (final validation, test-time views)", fontsize=10)
+    for text in left.get_yticklabels():
+        text.set_parse_math(False)  # a script name or setting from a record is never mathtext
+    fig.tight_layout()
     return fig
 
 
@@ -442,10 +395,10 @@ def pick_reference(groups, letter):
     """(number, why) of the reference: the group --reference names (A, B, ... as printed), else the first group
     with 2+ seeds among those trained alike with the most such groups, else none (None): one seed has no spread
     to judge by, so a one-seed dry run is never the reference."""
-    letters = [label(i) for i in range(len(groups))]
+    letters = [group.name for group in groups]
     if letter:
         if letter.upper() not in letters:
-            raise plumbing.UserError(f"--reference {letter} is not a group here: use one of {', '.join(letters)}")
+            raise common.UserError(f"--reference {letter} is not a group here: use one of {', '.join(letters)}")
         return letters.index(letter.upper()), "as --reference asked"
     seeded = [index for index, group in enumerate(groups) if len(group.seeds) >= 2]
     if not seeded:
@@ -457,17 +410,18 @@ def pick_reference(groups, letter):
 
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv, checks=CHECKS)
-    out_dir = plumbing.runs_folder(hp.out_dir)
+    out_dir = runs.runs_folder(hp.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise plumbing.UserError(f"--out-dir {out_dir} is a file, not a folder; point it at the folder of run folders")
+        raise common.UserError(f"--out-dir {out_dir} is a file, not a folder; point it at the folder of run folders")
     if not out_dir.is_dir():
-        raise plumbing.UserError(f"--out-dir {out_dir} does not exist; run a training script first or pass --out-dir")
-    runs = [run for run in load_runs(out_dir) if not hp.script or run[1].get("script") == hp.script]
-    runs = runs[-hp.last :] if hp.last else runs
-    groups = group_runs(runs)
+        raise common.UserError(f"--out-dir {out_dir} does not exist; run a training script first or pass --out-dir")
+    every = load_runs(out_dir)
+    found = [run for run in every if not hp.script or run[1].get("script") == hp.script]
+    found = found[-hp.last :] if hp.last else found
+    groups = group_runs(found, every)
     unfinished = [
         f"{folder.name} ({record.get('status', '?')})"
-        for folder, record in runs
+        for folder, record in found
         if record.get("status") != "completed" or not record.get("final")
     ]
     if not groups:
@@ -479,18 +433,24 @@ def main(argv=None):
     print(table(groups, reference, cells))
     print()
     print(legend(groups, names))
-    print(wrap(f"reference {'' if reference is None else label(reference) + ': '}{why}", indent=2))
+    print(wrap(f"reference {'' if reference is None else groups[reference].name + ': '}{why}", indent=2))
     for note in left_out:
         print(note)
-    print(notes("the reference" if reference is None else label(reference)))
+    print(notes("the reference" if reference is None else groups[reference].name))
     if unfinished:
         print(f"not completed, so not in the table: {', '.join(unfinished)}")
+    if any(cell.startswith(("+", "-")) and "no spread" in cell for cell in cells):
+        print(wrap(no_spread_note))
+    # One figure per selection (compare.png, compare-cnn-last6.png): another selection does not overwrite it.
+    figure = out_dir / (
+        "compare" + (f"-{hp.script}" if hp.script else "") + (f"-last{hp.last}" if hp.last else "") + ".png"
+    )
     try:
-        common.draw(plot, out_dir / "compare.png", groups, names, reference)
-    except plumbing.UserError as error:  # the table above stands
+        files.write_figure(plot, figure, groups, names, reference)
+    except common.UserError as error:  # the table above stands
         print(f"compare.py: {error}", file=sys.stderr)
     else:
-        print(f"validation curves: {out_dir / 'compare.png'}")
+        print(f"figure of what the table judges: {figure}")
     return groups
 
 

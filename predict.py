@@ -1,33 +1,32 @@
 """Use a trained model: what it thinks of your own images, and its accuracy on the official test set again.
 
-    python predict.py runs/cnn-20261125-120000 my_shirt.jpg photos/     # top three classes of each image
-    python predict.py runs/cnn-20261125-120000 --test                   # the run's test accuracy, recomputed
+    python predict.py cnn my_shirt.jpg photos/                   # the latest cnn.py run: top three classes of each
+    python predict.py runs/cnn-20261125-120000 --test            # that run's test accuracy, recomputed
 
-The model is rebuilt exactly from the run folder: the script and settings from metrics.json, the weights
-from model.pt (loaded with weights_only=True: nothing is unpickled), the normalisation the run trained with,
+The model is rebuilt exactly from the run folder (plumbing/runs.py): the script and settings from metrics.json, the
+weights from model.pt (loaded with weights_only=True: nothing is unpickled), the normalisation the run trained with,
 and the same test-time augmentation and precision as the run's test evaluation. Photos are prepared the way
-Fashion-MNIST itself was made (plumbing/photos.py): grey, the background subtracted and trimmed, the longest edge
-resized to 28 px, centred on a 28x28 canvas, light item on black. Every image gets one of the ten classes: one
-with nothing to classify (blank, a speck, an item cut off at every edge) gets a warning beside its answer.
-predictions.png (in the run folder unless --out says otherwise) shows, for each image, the 28x28 input the model
-saw beside its ten class probabilities.
+Fashion-MNIST itself was made (photo_prep.py): grey, the background subtracted and trimmed, the longest edge resized
+to 28 px, centred on a 28x28 canvas, light item on black. Every image gets one of the ten classes: one with nothing
+to classify (blank, a speck, an item cut off at every edge) gets a warning beside its answer. predictions.png (in
+the run folder unless --out says otherwise) shows, for each image, the 28x28 input the model saw beside its ten
+class probabilities, and the true class where it is known (--test, or a file named as the export below names it).
 """
 
+import common
+from plumbing import files, runs
+from plumbing.settings import expand_path
+
 import os
+import re
 import sys
 from pathlib import Path
-
-import common
-import plumbing
-from plumbing import photos, reading
-from plumbing.photos import shown
 
 import numpy as np
 import torch
 
-import ann
-import cnn
-import resnet_transfer
+import photo_prep as photos
+from photo_prep import shown
 
 # --- Settings: each one is also a flag (OUT -> --out).
 OUT = ""  # the figure: a .png, .pdf or .svg file ("" = predictions.png in the run folder)
@@ -41,28 +40,13 @@ DATA_DIR = ""  # folder with the Fashion-MNIST files, for --test ("" = as the tr
 # What each setting above allows, checked as the flags are (DEVICE and DATA_DIR as in the training scripts).
 CHECKS = {
     "OUT": (
-        plumbing.expand_path,
+        expand_path,
         lambda v: v == "" or Path(v).suffix.lower() in (".png", ".pdf", ".svg"),
         "a .png, .pdf or .svg file",
     ),
     "FIGURE_IMAGES": (int, lambda v: v >= 1, "an integer >= 1"),
     "PRECISION": (str, lambda v: v in ("", "auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16, fp32 or empty"),
 }
-
-MODELS = {
-    "ann": lambda hp: ann.ANN(hp.dropout),
-    "cnn": lambda hp: cnn.CNN(hp.fc_width, hp.dropout),
-    "resnet_transfer": lambda hp: resnet_transfer.Head(resnet_transfer.FEATURES[hp.backbone], hp.dropout),
-}
-# The settings of each script's record that rebuilding its model reads ("?": runs from before it may lack it).
-RECORDED = {
-    "ann": ("DROPOUT", "TTA_FLIP", "SUBSET"),
-    "cnn": ("DROPOUT", "FC_WIDTH", "TTA_FLIP", "TTA_SHIFT?", "SUBSET"),
-    "resnet_transfer": ("BACKBONE", "WEIGHTS", "IMAGE_SIZE", "FINETUNE", "DROPOUT", "BATCH_SIZE", "EXTRACT_BATCH"),
-}
-RECORDED["resnet_transfer"] += ("SEED", "SUBSET")
-# A record holds the image size that ran, never "auto".
-RECORD_CHECKS = {"IMAGE_SIZE": (int, lambda v: 32 <= v <= 512, "an integer in [32, 512]")}
 
 
 def load_images(paths, raw):
@@ -76,7 +60,13 @@ def load_images(paths, raw):
         if problem:
             print(f"{shown(path)}: {problem}", file=sys.stderr)
             continue
-        array, warning = (photos.grey_levels(image).round().astype(np.uint8), None) if raw else photos.prepare(image)
+        try:
+            array, warning = (
+                (photos.grey_levels(image).round().astype(np.uint8), None) if raw else photos.prepare(image)
+            )
+        except MemoryError:  # this photo alone: the others are still answered
+            print(f"{shown(path)}: too large to prepare in the memory here; crop or shrink it", file=sys.stderr)
+            continue
         good.append(path)
         images.append(torch.from_numpy(array))
         warnings.append(warning)
@@ -84,68 +74,27 @@ def load_images(paths, raw):
     return good, images, warnings
 
 
-def load_run(run_dir):
-    """The run in run_dir, read back and checked (plumbing/reading.py), or a UserError saying what is wrong."""
-    return reading.load_run(run_dir, RECORDED, RECORD_CHECKS)
-
-
-def build_model(run, device, precision=""):
-    """A function from uint8 images (N, 1, 28, 28) to logits: the run's model with its weights, and the
-    preparation its inputs had (normalisation, or the frozen backbone of a transfer run), computed in `precision`
-    ("": the one the run was evaluated in). Outputs that are not numbers are refused in one line."""
-    amp = common.autocast(device, common.pick_precision(precision or run.precision, device))
-    hp, run_dir = run.settings, run.folder
-    with torch.device("meta"):  # shapes without memory: model.pt is checked against them before anything is loaded
-        model = MODELS[run.script](hp)
-    if run.script != "resnet_transfer":
-        norm = reading.check_normalization(run)
-        model = reading.load_weights(model, run, run.script, device)
-        tta = (hp.tta_flip, getattr(hp, "tta_shift", 0))
-        return lambda x: finite(common.predict(model, (x.float() - norm["mean"]) / norm["std"], amp, *tta), run_dir)
-    torch.manual_seed(hp.seed)  # a random backbone (--weights none) is rebuilt from the run's seed
-    backbone, weights_id, image_mean, image_std = resnet_transfer.load_backbone(hp.backbone, hp.weights, hp.seed)
-    if weights_id != run.record.get("weights"):
-        raise plumbing.UserError(f"{run_dir}: the backbone weights now at {hp.weights} are not the ones the run used")
-    preprocess = resnet_transfer.Preprocess(hp.image_size, image_mean, image_std)
-    if hp.finetune:  # model.pt holds the whole fine-tuned model: backbone (with its trained layer4) and head
-        finetuned = resnet_transfer.FineTuned(preprocess, backbone, model)
-        finetuned = reading.load_weights(finetuned, run, "resnet_transfer.py --finetune", device)
-        return lambda x: finite(common.predict(finetuned, x, amp, chunk=hp.batch_size), run_dir)  # training's memory
-    head = reading.load_weights(model, run, "resnet_transfer.py head", device)
-    backbone = backbone.to(device, memory_format=torch.channels_last)
-    preprocess = preprocess.to(device)
-    extract = resnet_transfer.extract_features
-    features = lambda x: extract(preprocess, backbone, x, device, amp, hp.extract_batch)
-    return lambda x: finite(common.predict(head, features(x), amp, chunk=hp.batch_size), run_dir)
-
-
-def finite(logits, run_dir):
-    """The logits, unless some are NaN or infinite: then no answer is better than a made-up one."""
-    if not torch.isfinite(logits).all():
-        raise plumbing.UserError(
-            f"{run_dir}: the model's outputs are NaN or infinite; its model.pt or the normalisation in its "
-            "metrics.json is damaged: train it again"
-        )
-    return logits
-
-
-def plot_predictions(paths, images, probabilities):
-    """For each image: the 28x28 input the model saw, and a bar chart of the ten class probabilities."""
+def plot_predictions(names, images, probabilities, truths):
+    """For each image: the 28x28 input the model saw, titled with its answer (and the true class, where known:
+    green when they agree, red when not), beside a bar chart of the ten class probabilities."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 2.2 * len(paths)), dpi=100)
-    for i, (name, image, p) in enumerate(zip(paths, images, probabilities, strict=True)):
-        ax = fig.add_subplot(len(paths), 2, 2 * i + 1)
+    fig = Figure(figsize=(10, 2.2 * len(names)), dpi=100)
+    for i, (name, image, p, truth) in enumerate(zip(names, images, probabilities, truths, strict=True)):
+        ax = fig.add_subplot(len(names), 2, 2 * i + 1)
         # Light on black over the full 0-255 range: as the model sees it, and as the run's misclassified.png shows.
         ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(shown(Path(name).name), fontsize=9, parse_math=False)  # "$" in a name is no formula
+        answer = f"{shown(Path(name).name)}\nanswer: {common.CLASSES[p.argmax()]}"
+        colour = "black" if truth is None else "tab:green" if truth == p.argmax() else "tab:red"
+        answer += "" if truth is None else f", true: {common.CLASSES[truth]}"
+        ax.set_title(answer, fontsize=9, color=colour, parse_math=False)  # "$" in a name is no formula
         ax.axis("off")
-        ax = fig.add_subplot(len(paths), 2, 2 * i + 2)
+        ax = fig.add_subplot(len(names), 2, 2 * i + 2)
         ax.barh(range(10), 100 * p.numpy(), color=["tab:blue" if k != p.argmax() else "tab:orange" for k in range(10)])
         ax.set_yticks(range(10), common.CLASSES, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
-        ax.set_xlabel("probability (%)", fontsize=8)
+        ax.set_xlabel("probability (%): the model's softmax, not a calibrated confidence", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -154,14 +103,14 @@ def input_images(names, out):
     """The image files named and in the folders named, checked before any work: there are some, and --out (the
     figure) is none of them."""
     if not names:
-        raise plumbing.UserError("no images given: python predict.py RUN_DIR IMAGE... (files or folders), or --test")
+        raise common.UserError("no images given: python predict.py RUN IMAGE... (files or folders), or --test")
     paths, skipped = photos.image_paths(names)
     for line in skipped:
         print(line, file=sys.stderr)
     if not paths:
-        raise plumbing.UserError(f"no PNG, JPEG, BMP or WebP files in {' '.join(map(shown, names))}")
+        raise common.UserError(f"no PNG, JPEG, BMP or WebP files in {' '.join(map(shown, names))}")
     if any(same_file(out, path) for path in paths):
-        raise plumbing.UserError(f"--out {shown(out)} is one of the input images; the figure would overwrite it")
+        raise common.UserError(f"--out {shown(out)} is one of the input images; the figure would overwrite it")
     return paths
 
 
@@ -178,19 +127,22 @@ def same_file(a, b):
 
 def main(argv=None):
     positionals = [
-        ("run_dir", {"type": plumbing.expand_path, "help": "a run folder of ann.py, cnn.py or resnet_transfer.py"}),
+        ("run", {"help": "a run folder, or ann, cnn or resnet_transfer for that script's latest completed run"}),
         ("images", {"nargs": "*", "help": "image files (PNG, JPEG, BMP, WebP) or folders of them"}),
     ]
     hp = common.parse_hparams(globals(), argv, positionals, intermixed=True, checks=CHECKS)  # flags anywhere
-    run = load_run(Path(hp.run_dir))
-    out = Path(hp.out or run.folder / "predictions.png")  # beside the model, out of the way of the photos
+    folder = Path(expand_path(hp.run))
+    if hp.run.removesuffix(".py") in runs.RECORDED and not folder.is_dir():  # a script's name: its latest run
+        folder = runs.latest_run(hp.run.removesuffix(".py"))
+        print(f"run: {shown(folder)}")
+    out = Path(hp.out or folder / "predictions.png")  # beside the model, out of the way of the photos
     paths = None if hp.test else input_images(hp.images, out)
-    device = common.pick_device(hp.device)
-    model = build_model(run, device, hp.precision)
+    run = runs.load_run(folder, common.pick_device(hp.device), hp.precision)
     if hp.test:
         subset = run.settings.subset
         _, _, x_test, y_test = common.take_subset(subset, *common.load_fashion_mnist(hp.data_dir or None))
-        accuracy = (model(x_test.to(device)).argmax(1).cpu() == y_test).float().mean().item()
+        logits = run.logits(x_test).cpu()
+        accuracy = (logits.argmax(1) == y_test).float().mean().item()
         images = f"the first {len(y_test):,} test images (as the run's --subset)" if subset else "the test set"
         if run.final is None:
             recorded = "the run recorded none: it did not end"
@@ -198,24 +150,41 @@ def main(argv=None):
             recorded = f"recorded in the run: {run.final['test_acc']:.2%}"
             recorded += "" if run.final_weights else ", with its final weights, which were not saved"
         print(f"test accuracy on {images}: {accuracy:.2%} ({recorded})")
+        names = [f"test image {i}" for i in range(len(y_test))]
+        figure(out, names, x_test, logits.softmax(1), y_test.tolist(), hp.figure_images)
         return accuracy
     good, images, warnings = load_images(paths, hp.raw)
-    probabilities = model(images.to(device)).softmax(1).cpu() if good else None
+    probabilities = run.logits(images).softmax(1).cpu() if good else None
     for path, p, warning in zip(good, probabilities if good else [], warnings, strict=True):
         top = p.argsort(descending=True)[:3].tolist()
         print(f"{shown(path)}: " + ", ".join(f"{common.CLASSES[k]} {100 * p[k]:.0f}%" for k in top), flush=True)
         if warning:  # right below its answer: the model answers with one of its ten classes whatever it is shown
             print(f"{shown(path)}: warning: {warning}", file=sys.stderr, flush=True)
     if good:
-        drawn = min(len(good), hp.figure_images)
-        try:
-            common.draw(plot_predictions, out, good[:drawn], images[:drawn], probabilities[:drawn])
-        except plumbing.UserError as error:  # the answers above stand
-            raise plumbing.UserError(f"--out {shown(out)}: {error}") from None
-        print(f"figure: {shown(out)}" + (f" (the first {drawn} of {len(good)} images)" if drawn < len(good) else ""))
+        figure(out, good, images, probabilities, [named_class(path) for path in good], hp.figure_images)
     if len(good) < len(paths):
-        raise plumbing.UserError(f"{len(paths) - len(good)} of {len(paths)} images could not be used (named above)")
+        raise common.UserError(f"{len(paths) - len(good)} of {len(paths)} images could not be used (named above)")
     return probabilities
+
+
+def figure(out, names, images, probabilities, truths, most):
+    """predictions.png: the first `most` images; the answers printed above stand whatever happens to it."""
+    drawn = min(len(names), most)
+    try:
+        files.write_figure(plot_predictions, out, names[:drawn], images[:drawn], probabilities[:drawn], truths[:drawn])
+    except common.UserError as error:
+        raise common.UserError(f"--out {shown(out)}: {error}") from None
+    print(f"figure: {shown(out)}" + (f" (the first {drawn} of {len(names)} images)" if drawn < len(names) else ""))
+
+
+def named_class(path):
+    """The class a file's name ends with, as the README's export names test images (3_Trouser.png), or None."""
+    words = re.findall(r"[a-z]+", Path(path).stem.lower())
+    for k, name in enumerate(common.CLASSES):
+        key = re.findall(r"[a-z]+", name.lower())
+        if words[-len(key) :] == key:
+            return k
+    return None
 
 
 if __name__ == "__main__":

@@ -5,14 +5,13 @@ every later run with the same settings) trains only the head on the cached tenso
 Run `python resnet_transfer.py`, or override any constant below (`python resnet_transfer.py --epochs 5`).
 """
 
+import common  # first: from here on a Ctrl-C, even while torch loads, ends the program in one line
+from plumbing import files  # weights files and feature caches: written atomically, read within bounds
+
 import hashlib
 import re
 import sys
 from pathlib import Path
-
-import common  # first: then a Ctrl-C while torch loads ends in one line
-import plumbing
-from plumbing import reading
 
 import torch
 import torch.nn as nn
@@ -108,7 +107,7 @@ def load_backbone(name, weights, seed):
     named = weights != "none" and not Path(weights).is_file()
     if named and weights not in sets.__members__:
         choices = ", ".join(["DEFAULT", *sets.__members__])
-        raise plumbing.UserError(f"--weights {weights}: {name} has no such ImageNet weights; use {choices} or none")
+        raise common.UserError(f"--weights {weights}: {name} has no such ImageNet weights; use {choices} or none")
     imagenet = sets[weights] if named else sets.DEFAULT
     mean, std = imagenet.transforms().mean, imagenet.transforms().std
     model = torchvision.models.get_model(name, weights=None)
@@ -121,8 +120,8 @@ def load_backbone(name, weights, seed):
             download(imagenet.url, path)
     else:
         path, what, identity = Path(weights), "--weights", None
-    state = reading.load_tensors(path, what, reading.state_bytes(model))
-    reading.check_state_dict(state, model, f"{what} {path}", name)
+    state = files.load_tensors(path, what, files.state_bytes(model))
+    files.check_state_dict(state, model, f"{what} {path}", name)
     model.load_state_dict(state)
     return freeze(model), identity or hashlib.sha256(path.read_bytes()).hexdigest()[:16], mean, std
 
@@ -135,7 +134,7 @@ def download(url, path):
         hash_prefix = re.search(torch.hub.HASH_REGEX, path.name)
         torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix and hash_prefix.group(1))
     except Exception as error:  # URLError, HTTPError, OSError, RuntimeError: the advice is the same
-        raise plumbing.UserError(
+        raise common.UserError(
             f"cannot download {path.name} ({type(error).__name__}): put it (from {url}) into {path.parent}, "
             "or pass --weights PATH to a state-dict file, or --weights none for random weights"
         ) from None
@@ -165,19 +164,19 @@ def cached_features(cache_dir, settings, extract, x_train, x_test, width):
     shapes = {"train": (len(x_train), width), "test": (len(x_test), width)}
     if path.exists():
         try:
-            cached = reading.load_tensors(path, "feature cache", 4 * width * (len(x_train) + len(x_test)))
+            cached = files.load_tensors(path, "feature cache", 4 * width * (len(x_train) + len(x_test)))
             expected = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}  # float32, no memory
             if all(usable(cached.get(k), like) for k, like in expected.items()):
                 return cached["train"], cached["test"], path
             print(f"cache {path} is damaged (its tensors have the wrong shape, type or values); extracting again")
-        except plumbing.UserError as error:
+        except common.UserError as error:
             print(f"{error}; extracting the features again")
     print(f"extracting features of {len(x_train) + len(x_test)} images (once) ...", flush=True)
     both = extract(torch.cat([x_train, x_test]))
     cached = {"train": both[: len(x_train)], "test": both[len(x_train) :]}
     try:
-        plumbing.save_tensors(path, cached)
-    except plumbing.UserError as error:  # a full disk must not throw the extraction away
+        files.save_tensors(path, cached)
+    except common.UserError as error:  # a full disk must not throw the extraction away
         print(f"warning: the features are not cached ({error}); this run uses them, the next extracts again")
     return cached["train"], cached["test"], path
 
@@ -207,16 +206,17 @@ def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp, scaler):
 
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv)
-    cache_dir = Path(hp.cache_dir or plumbing.HERE / "data" / "cache")
+    cache_dir = Path(hp.cache_dir or files.HERE / "data" / "cache")
     if not hp.finetune:  # the features are cached there: better to learn now than after extracting them
-        plumbing.writable_folder(cache_dir, "--cache-dir")
+        files.writable_folder(cache_dir, "--cache-dir")
     device = common.pick_device(hp.device)  # auto: CUDA, then Apple's MPS, then the CPU
     precision = common.pick_precision(hp.precision, device)  # auto: 16 bits where the device has the units for it
     amp = common.autocast(device, precision)  # the context the forward passes run in
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # a no-op unless fp16
-    if hp.image_size == "auto":  # extraction time grows with the square of the size: what the device affords
-        hp.image_size = 128 if device.type == "cuda" else 96 if precision == "bf16" else 64
-    with common.Run("resnet_transfer", hp, device, precision, hp.out_dir) as run:
+    image_size = hp.image_size  # auto: extraction time grows with the square of the size, so what the device affords
+    if image_size == "auto":
+        image_size = 128 if device.type == "cuda" else 96 if precision == "bf16" else 64
+    with common.Run("resnet_transfer", hp, device, precision) as run:
         torch.manual_seed(hp.seed)
         backbone, weights_id, mean, std = load_backbone(hp.backbone, hp.weights, hp.seed)
         if hp.weights == "none":
@@ -227,9 +227,9 @@ def main(argv=None):
                     "bf16). An offline dry run that learns something (73.5%, seconds on 2 cores): "
                     "--weights none --backbone resnet18 --image-size 32 --subset 10000 --epochs 10"
                 )
-        run.record.update(backbone=hp.backbone, weights=weights_id, image_size=hp.image_size)
+        run.record.update(backbone=hp.backbone, weights=weights_id, image_size=image_size)  # what ran
         backbone = backbone.to(device, memory_format=torch.channels_last)
-        preprocess = Preprocess(hp.image_size, mean, std).to(device)
+        preprocess = Preprocess(image_size, mean, std).to(device)
         head = Head(FEATURES[hp.backbone], hp.dropout).to(device)
         data_dir = common.find_fashion_mnist(hp.data_dir)
         x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.read_fashion_mnist(data_dir))
@@ -243,7 +243,7 @@ def main(argv=None):
             ]
         else:  # only the head trains, on features computed once
             model, params = head, head.parameters()
-            settings = f"{hp.backbone}-{weights_id}-{hp.image_size}px-{precision}"  # what the features depend on
+            settings = f"{hp.backbone}-{weights_id}-{image_size}px-{precision}"  # what the features depend on
 
             def extract(images):
                 return extract_features(preprocess, backbone, images, device, amp, hp.extract_batch)
@@ -276,7 +276,7 @@ def main(argv=None):
         sample = [x[: common.TRAIN_SAMPLE] for x in data.train]  # a fixed sample: all of it would cost far more
         train_acc = common.evaluate(model, *sample, amp, chunk=hp.batch_size)[1]  # val_acc: the last epoch's
         # The test set, evaluated once, after training: every choice was made on validation.
-        test_logits = common.predict(model, data.test[0], amp, chunk=hp.batch_size)
+        test_logits = common.compute_logits(model, data.test[0], amp, chunk=hp.batch_size)
         test_loss, test_acc = common.scores(test_logits, data.test[1])
         final = dict(train_acc=train_acc, val_acc=val_acc, test_acc=test_acc, test_loss=test_loss)
         mistakes = (common.plot_misclassified, "misclassified.png", x_test, y_test, test_logits.cpu())
@@ -287,4 +287,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(common.run_main(main))
+    memory = ["BATCH_SIZE", "EXTRACT_BATCH", "IMAGE_SIZE"]  # what to lower if memory runs out
+    raise SystemExit(common.run_main(main, memory=memory))

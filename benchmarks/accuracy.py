@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import files  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -93,7 +93,7 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     parser.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
     args, passed_on = parser.parse_known_args(argv)
-    plumbing.writable_folder(args.results, "--results")  # checked now, not after hours of training
+    files.writable_folder(args.results, "--results")  # checked now, not after hours of training
     extra = (QUICK if args.quick else []) + passed_on
     results = {"machine": machine(), "quick": args.quick, "seeds": args.seeds, "flags": " ".join(passed_on)}
     results.update(scripts={}, ablation={}, epochs_grid={})

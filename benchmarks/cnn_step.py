@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -78,9 +77,9 @@ def evaluated_per_second(chunk, images, dtype):
     model = cnn.CNN(cnn.FC_WIDTH, cnn.DROPOUT).to(memory_format=torch.channels_last).eval()
     x = torch.randn(images, 1, 28, 28)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    common.predict(model, x[:chunk], amp, chunk=chunk)  # oneDNN picks its kernels
+    common.compute_logits(model, x[:chunk], amp, chunk=chunk)  # oneDNN picks its kernels
     start = time.perf_counter()
-    common.predict(model, x, amp, chunk=chunk)
+    common.compute_logits(model, x, amp, chunk=chunk)
     return images / (time.perf_counter() - start)
 
 
@@ -103,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
-        raise plumbing.UserError("--steps and --repeats take a count of at least 1")
+        raise common.UserError("--steps and --repeats take a count of at least 1")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     rates = {name: [] for name in VARIANTS}
     evaluated = {chunk: [] for chunk in CHUNKS}

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import files  # noqa: E402
 
 from accuracy import machine, measured_on  # noqa: E402
 
@@ -40,7 +40,7 @@ def checkout(ref, folder):
         ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), ref], capture_output=True, text=True
     )
     if done.returncode:
-        raise plumbing.UserError(f"--baseline {ref}: git cannot check it out ({done.stderr.strip()[:200]})")
+        raise common.UserError(f"--baseline {ref}: git cannot check it out ({done.stderr.strip()[:200]})")
     return folder
 
 
@@ -51,7 +51,7 @@ def timed_run(tree, argv, env, out):
                           capture_output=True, text=True)  # fmt: skip
     seconds = time.perf_counter() - start
     if done.returncode:
-        raise plumbing.UserError(f"cnn.py in {tree} failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise common.UserError(f"cnn.py in {tree} failed: {done.stderr.strip().splitlines()[-1:]}")
     (record,) = [json.loads(p.read_text()) for p in out.glob("*/metrics.json")]
     return seconds, record
 
@@ -86,7 +86,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny runs: checks the pipeline, measures nothing")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     args = parser.parse_args(argv)
-    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
+    files.writable_folder(args.results, "--results")  # checked now, not after the measurements
     flags = (QUICK if args.quick else []) + (["--precision", args.precision] if args.precision else [])
     env = {**os.environ, **(AVX2 if args.emulate_avx2 else {})}
     results = {"machine": machine(), "baseline": args.baseline, "flags": " ".join(flags), "rows": []}

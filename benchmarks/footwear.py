@@ -23,15 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
-from plumbing.photos import prepare_photo  # noqa: E402
+from plumbing import files, runs  # noqa: E402
 
 import torch  # noqa: E402
 from accuracy import machine, measured_on  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import compare  # noqa: E402
-import predict  # noqa: E402
+from photo_prep import prepare_photo  # noqa: E402
 
 FOOTWEAR = [5, 7, 9]  # sandal, sneaker, ankle boot
 COLUMNS = {  # what each column measures: (images, labels) from the test images x, their photos and labels y
@@ -55,8 +54,8 @@ def as_photos(images):
 
 def accuracies(folder, x, photos, y, device):
     """{column: accuracy in %} of one run's model."""
-    run = predict.load_run(folder)
-    model = predict.build_model(run, device)
+    run = runs.load_run(folder, device)
+    model = run.logits
     foot = torch.isin(y, torch.tensor(FOOTWEAR))
     scores = {}
     for column, take in COLUMNS.items():
@@ -83,14 +82,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = common.pick_device(args.device)
     if not 1 <= args.images <= 10_000:
-        raise plumbing.UserError(f"--images {args.images}: use a number from 1 to 10000")
+        raise common.UserError(f"--images {args.images}: use a number from 1 to 10000")
     if not args.runs.is_dir():
-        raise plumbing.UserError(f"--runs {args.runs}: not a folder; point it at the folder of run folders")
-    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
+        raise common.UserError(f"--runs {args.runs}: not a folder; point it at the folder of run folders")
+    files.writable_folder(args.results, "--results")  # checked now, not after the measurements
     runs = compare.load_runs(args.runs)
-    groups = compare.group_runs(runs)
+    groups = compare.group_runs(runs, runs)
     if not groups:
-        raise plumbing.UserError(f"--runs {args.runs}: no completed runs there")
+        raise common.UserError(f"--runs {args.runs}: no completed runs there")
     folders = {id(record): folder for folder, record in runs}
     _, _, x, y = common.load_fashion_mnist()
     x, y = x[: args.images], y[: args.images]

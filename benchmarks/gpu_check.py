@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import files  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -50,10 +50,10 @@ def main(argv=None):
     parser.add_argument("--runs", type=Path, help="the run folders go here (default: gpu_check_runs in --results)")
     args = parser.parse_args(argv)
     device = common.pick_device(args.device)
-    results_dir = plumbing.writable_folder(args.results, "--results")
-    runs_dir = plumbing.writable_folder(args.runs or results_dir / "gpu_check_runs", "--runs")
+    results_dir = files.writable_folder(args.results, "--results")
+    runs_dir = files.writable_folder(args.runs or results_dir / "gpu_check_runs", "--runs")
     if device.type != "cuda" and not args.smoke:
-        raise plumbing.UserError("no CUDA GPU here; use --smoke for the pipeline check on this device")
+        raise common.UserError("no CUDA GPU here; use --smoke for the pipeline check on this device")
     short, full = (SMOKE, SMOKE) if args.smoke else (SHORT, [])
     flags = ["--device", args.device, "--out-dir", str(runs_dir)]
     rows = []

@@ -27,15 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
-from plumbing.photos import prepare  # noqa: E402
+from plumbing import files, runs  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accuracy import machine, measured_on  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
-import predict  # noqa: E402
+from photo_prep import prepare  # noqa: E402
 
 SEED = 27  # the photos are the same on every run of the benchmark
 # Each condition's settings for photo(); a pair (low, high) is drawn uniformly per image, a list chosen from.
@@ -287,11 +286,10 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     args = parser.parse_args(argv)
     if not 1 <= args.images <= 10_000:
-        raise plumbing.UserError(f"--images {args.images}: use a number from 1 to 10000")
-    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
-    run = predict.load_run(args.run)
+        raise common.UserError(f"--images {args.images}: use a number from 1 to 10000")
+    files.writable_folder(args.results, "--results")  # checked now, not after the measurements
     device = common.pick_device(args.device)
-    model = predict.build_model(run, device)
+    model = runs.load_run(args.run, device).logits
     _, _, x, y = common.load_fashion_mnist()
     x, y = x[: args.images], y[: args.images]
     conditions, original = measure(lambda images: model(images.to(device)).cpu(), x, y)

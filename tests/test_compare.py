@@ -4,14 +4,14 @@ Welch's; broken or foreign folders, NaN accuracies and an unwritable figure are 
 table, which fits in 120 columns.
 """
 
+import common
+
 import json
 import math
 import resource
 import subprocess
 import sys
 import warnings
-
-import common
 
 import pytest
 
@@ -98,7 +98,7 @@ def test_compare_groups_seeds_and_survives_broken_folders(runs, tmp_path, capsys
     assert "batch_size" not in "\n".join(lines)  # equal in every run, so not shown
     assert any("cnn-20260101-000200 (interrupted)" in line for line in lines)
     assert any("ann-20260101-000300" in line for line in err) and any("notes" in line for line in err)
-    assert png_size(runs / "compare.png") == (1100, 500)
+    assert png_size(runs / "compare.png")[0] == 1200
 
 
 @pytest.mark.parametrize(
@@ -234,7 +234,7 @@ def test_compare_skips_malformed_records_and_still_prints_the_table(tmp_path, ca
     assert list(rows(lines)) == ["A"] and rows(lines)["A"].split()[:3] == ["A", "ann", "1"]  # the good run alone
     assert len(err) == 8 and all(line.startswith("warning: skipping ann-") for line in err)
     assert {line.split()[2].rstrip(":") for line in err} == set(records) - {"ann-good"} | {"ann-deep"}  # each named
-    assert png_size(tmp_path / "compare.png") == (1100, 500)
+    assert png_size(tmp_path / "compare.png")[0] == 1200
 
 
 def test_compare_prints_the_table_when_the_figure_cannot_be_written(tmp_path):
@@ -268,11 +268,12 @@ def test_the_figure_names_each_groups_settings_and_has_whole_epochs(tmp_path, ca
     figures = drawn_figures(monkeypatch)
     write_runs(tmp_path, [fake_record(s, 0.9, dropout=d) for d in (0.1, 0.3) for s in (1, 2)])
     compare_out(tmp_path, capsys)
-    (ax,) = figures[0].axes
-    legend = [text.get_text() for text in ax.get_legend().get_texts()]
-    assert legend == ["A: cnn, dropout=0.1, n=2", "B: cnn, dropout=0.3, n=2"]
-    assert all(tick == int(tick) for tick in ax.get_xticks())
-    assert png_size(tmp_path / "compare.png") == (1100, 500)
+    left, right = figures[0].axes
+    labels = [text.get_text() for text in left.get_yticklabels()]
+    assert labels == ["A: cnn, dropout=0.1, n=2", "B: cnn, dropout=0.3, n=2"]
+    assert "groups A, B" in figures[0].get_suptitle() and "final validation" in left.get_xlabel()
+    assert "95% interval" in right.get_xlabel() and "difference from A" in right.get_xlabel()
+    assert png_size(tmp_path / "compare.png")[0] == 1200
 
 
 @pytest.mark.figures
@@ -282,9 +283,9 @@ def test_a_dollar_sign_in_a_script_name_or_setting_is_drawn_as_text(tmp_path, ca
     write_runs(tmp_path, records + [fake_record(s, 0.9, script="$\\foo$", MODE="$\\bar{") for s in (1, 2)])
     lines, err = compare_out(tmp_path, capsys)
     assert rows(lines)["A"].split()[1] == "$\\foo$" and err == []
-    legend = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
-    assert legend[0] == "A: $\\foo$, mode=$x^$, n=2"
-    assert png_size(tmp_path / "compare.png") == (1100, 500)
+    labels = [text.get_text() for text in figures[0].axes[0].get_yticklabels()]
+    assert labels[0] == "A: $\\foo$, mode=$x^$, n=2"
+    assert png_size(tmp_path / "compare.png")[0] == 1200
 
 
 def test_reference_picks_the_group_the_others_are_compared_against(tmp_path, capsys):
@@ -309,7 +310,7 @@ def test_four_groups_differing_in_four_settings_fit_in_120_columns(tmp_path, cap
             records.append(fake_record(seed, 0.9312 + g / 1000 + seed / 300 + (g * seed * seed) % 5 / 2000, **hparams))
     write_runs(tmp_path, records)
     lines, _ = compare_out(tmp_path, capsys)
-    shown = lines[: next(i for i, line in enumerate(lines) if line.startswith("validation curves:"))]
+    shown = lines[: next(i for i, line in enumerate(lines) if line.startswith("figure of what the table judges:"))]
     assert max(len(line) for line in shown) <= 120, "\n".join(shown)
     assert len(rows(lines)) == 4 and all("seed noise" in row for row in list(rows(lines).values())[1:])
     described = legend(lines)
@@ -448,16 +449,15 @@ def test_extra_keys_in_final_are_ignored_but_the_fields_read_are_checked(tmp_pat
 
 @pytest.mark.figures
 def test_hundreds_of_groups_draw_without_matplotlib_warnings(tmp_path, capsys, monkeypatch):
-    """Too many legend entries to fit: the legend shows the first ones and says so; tight_layout does not warn."""
+    """Too many groups to fit: the figure shows the first 20 and says so; tight_layout does not warn."""
     figures = drawn_figures(monkeypatch)
     write_runs(tmp_path, [fake_record(1, 0.9, lr=i / 1000) for i in range(60)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         lines, err = compare_out(tmp_path, capsys)
     assert [str(w.message) for w in caught] == [] and err == [] and len(rows(lines)) == 60
-    box = figures[0].axes[0].get_legend()
-    assert len(box.get_texts()) <= 12 and "of 60 groups" in box.get_title().get_text()
-    assert png_size(tmp_path / "compare.png") == (1100, 500)
+    assert len(figures[0].axes[0].get_yticklabels()) == 20 and "(20 of 60)" in figures[0].get_suptitle()
+    assert png_size(tmp_path / "compare.png")[0] == 1200
 
 
 def mixed_runs(folder):
@@ -486,7 +486,8 @@ def test_last_takes_the_most_recently_started_runs(tmp_path, capsys):
     mixed_runs(tmp_path / "runs")
     lines, _ = compare_out(tmp_path / "runs", capsys, "--last", "3")
     assert [row.split()[1:3] for row in rows(lines).values()] == [["ann", "1"], ["ann", "2"]]
-    assert [line.split(";")[0] for line in legend(lines).values()] == ["A  ann, lr=0.2", "B  ann, lr=0.1"]
+    # Each group keeps the letter it has among all the folder's runs (by first start: cnn lr=0.4, cnn lr=0.3, ...).
+    assert [line.split(";")[0] for line in legend(lines).values()] == ["C  ann, lr=0.2", "D  ann, lr=0.1"]
     lines, _ = compare_out(tmp_path / "runs", capsys, "--script", "cnn", "--last", "1")
     assert [row.split()[1:3] for row in rows(lines).values()] == [["cnn", "1"]]
-    assert legend(lines)["A"].startswith("A  cnn; seeds 1")
+    assert legend(lines)["B"].startswith("B  cnn; seeds 1")

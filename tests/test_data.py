@@ -7,6 +7,9 @@ official file's size. Loading: the same arrays as torchvision's reader, from .gz
 Augmentation and test-time views are in test_augmentation.py.
 """
 
+import common
+from plumbing import data, files
+
 import builtins
 import gzip
 import io
@@ -16,9 +19,6 @@ import shutil
 import subprocess
 import sys
 import time
-
-import common
-import plumbing
 
 import pytest
 import torch
@@ -32,8 +32,8 @@ def copied_dir(real_data_dir, tmp_path):
     """A writable copy of the real files as .gz, to damage one of them."""
     folder = tmp_path / "data"
     folder.mkdir()
-    for name in plumbing.FILES:
-        source = plumbing.find_file(real_data_dir, name)
+    for name in common.FILES:
+        source = common.find_file(real_data_dir, name)
         data = source.read_bytes()
         (folder / (name + ".gz")).write_bytes(data if source.suffix == ".gz" else gzip.compress(data))
     return folder
@@ -129,7 +129,7 @@ def test_a_huge_data_file_is_refused_without_reading_it(copied_dir, monkeypatch)
         opened.append(os.fspath(file) if isinstance(file, str | os.PathLike) else file)
         return real_open(file, *args, **kwargs)
 
-    for module, name in ((builtins, "open"), (io, "open"), (plumbing, "open")):
+    for module, name in ((builtins, "open"), (io, "open"), (data, "open")):
         monkeypatch.setattr(module, name, recording_open, raising=False)
     started = time.perf_counter()
     with pytest.raises(common.UserError, match=r"t10k-images-idx3-ubyte: 4,294,967,296 bytes, but the official"):
@@ -150,7 +150,7 @@ def test_a_gzip_bomb_is_refused_after_inflating_no_more_than_the_real_file(copie
         f.read = lambda size=-1: reads.append(size) or read(size)
         return f
 
-    monkeypatch.setattr(plumbing.gzip, "open", counting_open)
+    monkeypatch.setattr(data.gzip, "open", counting_open)
     with pytest.raises(common.UserError, match=r"train-images-idx3-ubyte\.gz: holds more than the 47,040,016 bytes"):
         common.load_fashion_mnist(copied_dir)
     assert reads == [47_040_017]  # one read, capped at one byte past the official size: never the 200 MiB
@@ -164,7 +164,7 @@ def test_a_small_file_claiming_a_huge_gzip_is_refused_by_its_size(copied_dir):
 
 def test_bad_data_files_exit_2_with_one_line_naming_one_and_leave_no_run_folder(tmp_path):
     """As a user sees it: `python ann.py` on files that are not gzip at all."""
-    for name in plumbing.FILES:
+    for name in common.FILES:
         (tmp_path / (name + ".gz")).write_bytes(b"\x1f\x8b not really gzip")
     result = subprocess.run(
         [sys.executable, "ann.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")],
@@ -220,7 +220,7 @@ def test_a_named_data_folder_without_the_files_is_used_not_passed_over(
     named = tmp_path / "named"
     named.mkdir()
     if holds != "nothing":
-        shutil.copy(plumbing.find_file(real_data_dir, "t10k-labels-idx1-ubyte"), named)
+        shutil.copy(common.find_file(real_data_dir, "t10k-labels-idx1-ubyte"), named)
     code, err = run_cli(ann, naming_data_dir(named, from_env, tmp_path, monkeypatch), capsys)
     assert code == 2
     one_line(err, f"could not download Fashion-MNIST into {named}")
@@ -229,9 +229,9 @@ def test_a_named_data_folder_without_the_files_is_used_not_passed_over(
 
 def test_failed_download_says_where_data_can_come_from(tmp_path, monkeypatch, capsys):
     offline(monkeypatch)
-    monkeypatch.setattr(plumbing, "HERE", tmp_path)
-    monkeypatch.setattr(plumbing, "DEBIAN_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setattr(files, "HERE", tmp_path)
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian-package")
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
     code, err = run_cli(ann, ["--out-dir", str(tmp_path / "runs")], capsys)
     assert code == 2 and len(err) == 1
-    assert plumbing.DOWNLOAD_URL in err[0] and "dataset-fashion-mnist" in err[0] and "--data-dir" in err[0]
+    assert data.DOWNLOAD_URL in err[0] and "dataset-fashion-mnist" in err[0] and "--data-dir" in err[0]

@@ -5,9 +5,9 @@ run: a T4 (compute capability 7.5) gets fp16, never the bf16 it can only emulate
 MPS gets fp32. The tests whose names end in `_on_cuda` need a real GPU: `benchmarks/gpu_check.py` runs them.
 """
 
-import json
-
 import common
+
+import json
 
 import pytest
 import torch

@@ -1,5 +1,8 @@
 """predict.py: a run folder is reused exactly, photos are prepared as Fashion-MNIST was, bad input is named."""
 
+import common
+from plumbing import files
+
 import contextlib
 import json
 import os
@@ -8,8 +11,6 @@ import struct
 import subprocess
 import sys
 import threading
-
-import common
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_raw_images_are_predicted_as_in_training(runs, test_images, real_data_di
     splits = common.load_splits(real_data_dir, hp.subset, hp.val_size, hp.seed)
     data, _ = common.to_device_normalized(splits, torch.device("cpu"))
     amp = common.autocast(torch.device("cpu"), hp.precision)
-    expected = common.predict(model, data.test[0][:20], amp, hp.tta_flip).softmax(1)
+    expected = common.compute_logits(model, data.test[0][:20], amp, hp.tta_flip).softmax(1)
     assert torch.allclose(probabilities, expected, atol=1e-6)
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r".*000\.png: [\w/ -]+ \d+%, [\w/ -]+ \d+%, [\w/ -]+ \d+%", lines[0])
@@ -160,7 +161,7 @@ def set_record(**changes):
         (set_record(script="mlp"), "not the record of a run"),
         (set_record(script=["cnn"]), "not the record of a run"),
         (set_record(final=5), "no final test accuracy"),
-        (set_record(final={"test_acc": "high"}), "no final test accuracy"),
+        (set_record(final={"test_acc": "high"}), "test_acc is 'high'"),
         (lambda f: (f / "model.pt").unlink(), "model.pt: cannot read it"),
         (lambda f: (f / "model.pt").write_bytes(b"PK\x03\x04 cut"), "model.pt: not a file written by torch.save"),
         (
@@ -376,7 +377,7 @@ def set_setting(name, value=None, section="hparams"):
         ("cnn", set_setting("TTA_SHIFT", "a"), "TTA_SHIFT = 'a' is not allowed"),
         ("cnn", set_setting("TTA_FLIP"), "TTA_FLIP is missing"),
         ("rt", set_setting("IMAGE_SIZE", -1), "IMAGE_SIZE = -1 is not allowed"),
-        ("rt", set_setting("IMAGE_SIZE", "auto"), "IMAGE_SIZE = 'auto' is not allowed"),  # a record holds what ran
+        ("rt", set_record(image_size="auto"), "image_size 'auto' is damaged"),  # a record holds the size that ran
         ("cnn", set_setting("FC_WIDTH", 10**9), "FC_WIDTH = 1000000000 is not allowed"),
         ("rt", set_setting("SEED", "x"), "SEED = 'x' is not allowed"),
         ("rt", set_setting("WEIGHTS", 5), "WEIGHTS = 5 is not allowed"),
@@ -445,12 +446,17 @@ def test_the_figure_and_the_mistakes_grid_show_images_alike(test_images, tmp_pat
 
     monkeypatch.setattr(Axes, "imshow", recording)
     images = test_images[:4]
-    common.draw(
-        predict.plot_predictions, tmp_path / "p.png", [f"{i}.png" for i in range(4)], images, torch.full((4, 10), 0.1)
+    files.write_figure(
+        predict.plot_predictions,
+        tmp_path / "p.png",
+        [f"{i}.png" for i in range(4)],
+        images,
+        torch.full((4, 10), 0.1),
+        [None] * 4,
     )
     logits = torch.zeros(4, 10)
     logits[:, 0] = 5  # all four called class 0, and all four labelled 1: four mistakes
-    common.draw(common.plot_misclassified, tmp_path / "m.png", images, torch.ones(4, dtype=torch.long), logits)
+    files.write_figure(common.plot_misclassified, tmp_path / "m.png", images, torch.ones(4, dtype=torch.long), logits)
     assert len(styles) == 8 and set(styles) == {("gray", (0, 255))}, styles
 
 

@@ -6,6 +6,9 @@ Bad settings are in test_settings.py, bad data files and folders in test_data.py
 given to predict.py in test_predict.py.
 """
 
+import common
+from plumbing import files
+
 import contextlib
 import json
 import os
@@ -17,10 +20,6 @@ import sys
 import time
 import types
 from pathlib import Path
-
-import common
-import plumbing
-from plumbing import reading
 
 import pytest
 import torch
@@ -69,12 +68,13 @@ def test_ctrl_c_kill_or_hangup_keeps_completed_epochs_and_the_latest_weights(sto
 @pytest.mark.figures
 @pytest.mark.parametrize(
     "where, status",
-    [("save_tensors", "interrupted"), ("plot_curves", "completed"), ("plot_misclassified", "completed")],
+    [("tensor_bytes", "interrupted"), ("plot_curves", "completed"), ("plot_misclassified", "completed")],
 )
 def test_ctrl_c_at_the_end_keeps_what_was_recorded(where, status, real_data_dir, tmp_path, capsys, monkeypatch):
     """Weights are saved as an epoch ends: a Ctrl-C there interrupts the run. The final accuracies are recorded
     before the figures are drawn: a Ctrl-C while they are drawn leaves the run completed, its figures undrawn."""
-    original, calls = getattr(common, where), []
+    module = files if where == "tensor_bytes" else common
+    original, calls = getattr(module, where), []
 
     def ctrl_c_once(*args, **kwargs):  # the Ctrl-C lands here once; later calls go through
         calls.append(1)
@@ -82,7 +82,7 @@ def test_ctrl_c_at_the_end_keeps_what_was_recorded(where, status, real_data_dir,
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(common, where, ctrl_c_once)
+    monkeypatch.setattr(module, where, ctrl_c_once)
     code, err = run_cli(ann, SMALL + ["--out-dir", str(tmp_path)], capsys)
     assert code == 130 and err[-1].endswith("interrupted") and "Traceback" not in "\n".join(err)
     (metrics,) = tmp_path.glob("*/metrics.json")
@@ -139,7 +139,7 @@ def test_a_width_no_memory_holds_is_refused_as_a_setting(argv, capsys):
 def test_a_file_is_read_to_its_size_whatever_the_limit(tmp_path):
     """A 10-byte file under a limit of 10**13 bytes: reading it once allocated the whole limit (MemoryError)."""
     (tmp_path / "small").write_bytes(b"0123456789")
-    assert reading.read_file(tmp_path / "small", "file", 10**13) == b"0123456789"
+    assert files.read_file(tmp_path / "small", "file", 10**13) == b"0123456789"
 
 
 @pytest.mark.parametrize("script", [ann, cnn, rt, predict, compare])
@@ -203,7 +203,7 @@ def test_written_files_get_the_mode_the_umask_gives_like_the_plots(tmp_path):
     """metrics.json, model.pt and the caches are written through a private temporary file; the result is not."""
     old = os.umask(0o027)
     try:
-        plumbing.atomic_write(tmp_path / "a.json", b"{}")
+        files.atomic_write(tmp_path / "a.json", b"{}")
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
@@ -211,9 +211,9 @@ def test_written_files_get_the_mode_the_umask_gives_like_the_plots(tmp_path):
 
 def test_writers_of_the_same_file_use_their_own_temporary_files(tmp_path, monkeypatch):
     sources, replace = [], os.replace
-    monkeypatch.setattr(plumbing.os, "replace", lambda src, dst: sources.append(src) or replace(src, dst))
+    monkeypatch.setattr(files.os, "replace", lambda src, dst: sources.append(src) or replace(src, dst))
     for text in (b"first", b"second"):
-        plumbing.atomic_write(tmp_path / "metrics.json", text)
+        files.atomic_write(tmp_path / "metrics.json", text)
     assert len(set(sources)) == 2 and all(os.path.dirname(s) == str(tmp_path) for s in sources)
     assert (tmp_path / "metrics.json").read_bytes() == b"second" and len(list(tmp_path.iterdir())) == 1
 
@@ -222,9 +222,9 @@ def test_a_write_cut_short_by_ctrl_c_leaves_no_temporary_file(tmp_path, monkeypa
     def ctrl_c(fd):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(plumbing.os, "fsync", ctrl_c)
+    monkeypatch.setattr(files.os, "fsync", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        plumbing.atomic_write(tmp_path / "features.pt", b"x" * 1000)
+        files.atomic_write(tmp_path / "features.pt", b"x" * 1000)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -239,7 +239,7 @@ def test_a_reader_that_stops_early_stops_the_run_and_keeps_its_weights(real_data
     process = subprocess.Popen(
         [sys.executable, "ann.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    lines = [process.stdout.readline() for _ in range(7)]  # the header, the data folder, the table's two, epoch 1
+    lines = [process.stdout.readline() for _ in range(8)]  # the header, the data, its sizes, the table's two, epoch 1
     process.stdout.close()
     err = process.communicate(timeout=120)[1].decode()
     assert lines[-1].split()[0] == b"1" and process.returncode == 141 and "Traceback" not in err
@@ -320,12 +320,14 @@ def test_sigkill_leaves_the_weights_and_record_of_the_last_finished_epoch(real_d
 
 
 def test_weights_that_cannot_be_written_still_leave_the_final_accuracies(real_data_dir, tmp_path, capsys, monkeypatch):
-    def disk_full(path, tensors):
-        raise common.UserError(
-            f"cannot write {path}: No space left on device; free some space or choose another folder"
-        )
+    staged = files.staged
 
-    monkeypatch.setattr(common, "save_tensors", disk_full)
+    def disk_full(path, data):  # the weights alone: the record still fits
+        if path.name == "model.pt":
+            raise common.UserError(f"cannot write {path}: No space left on device; free some space or choose another")
+        return staged(path, data)
+
+    monkeypatch.setattr(files, "staged", disk_full)
     code, err = run_cli(ann, SMALL + ["--epochs", "2", "--out-dir", str(tmp_path)], capsys)
     assert code == 2 and "No space left" in err[-1] and "accuracies are recorded" in err[-1]
     (metrics,) = tmp_path.glob("*/metrics.json")
@@ -345,14 +347,14 @@ def test_the_record_holds_the_split_sizes_actually_used(real_data_dir, tmp_path)
 
 
 def test_features_that_cannot_be_cached_still_train_the_head(real_data_dir, tmp_path, capsys, monkeypatch):
-    save = plumbing.save_tensors
+    save = files.save_tensors
 
     def cache_disk_full(path, tensors):
         if path.parent == tmp_path / "cache":
             raise common.UserError(f"cannot write {path}: No space left on device; free some space")
         return save(path, tensors)
 
-    monkeypatch.setattr(plumbing, "save_tensors", cache_disk_full)
+    monkeypatch.setattr(files, "save_tensors", cache_disk_full)
     tiny = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--subset", "600", "--val-size", "100"]
     argv = tiny + ["--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "runs")]
     code, err = run_cli(rt, argv, capsys)
@@ -550,7 +552,7 @@ def test_final_weights_the_disk_refused_are_said_wherever_the_run_is_used(real_d
     epoch = int(record["model_pt"].split()[-1])
     assert process.returncode == 2 and "File too large" in err and "accuracies are recorded" in err
     assert record["status"] == "completed" and epoch < len(record["history"]) == 4
-    run = next(out.iterdir())
+    run = next(out.glob("cnn-*"))
     done = subprocess.run([sys.executable, "predict.py", str(run), "--test"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0
     one_line(done.stderr.strip().splitlines(), "final weights could not be saved", f"weights after epoch {epoch}")
@@ -594,3 +596,104 @@ def test_figures_are_drawn_whatever_a_matplotlibrc_asks(run_copy, tmp_path, monk
     assert run_cli(ann, SMALL + ["--out-dir", str(tmp_path / "new")], capsys) == (0, [])
     for figure in (run / "predictions.png", run.parent / "compare.png", *(tmp_path / "new").glob("*/curves.png")):
         assert figure.read_bytes()[:4] == b"\x89PNG", figure
+
+
+# ----------------------------------------------------------------------------------------------
+# Round six: a disposition the user chose, a stop while the final record is written, a full disk between the
+# weights and the record, a stop in the first moments
+
+
+def test_nohup_keeps_a_run_going_through_a_hangup(real_data_dir, tmp_path):
+    """`nohup python ann.py`: nohup ignores SIGHUP, and the scripts' handlers leave it ignored (a logout used to end
+    the run with exit 129)."""
+    out = tmp_path / "runs"
+    argv = ["nohup", sys.executable, "ann.py", *SMALL, "--epochs", "30", "--out-dir", str(out)]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, record = time.monotonic() + 120, {}
+    while time.monotonic() < deadline and not record.get("history"):
+        time.sleep(0.05)
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            record = json.loads(next(out.glob("*/metrics.json")).read_text())
+    process.send_signal(signal.SIGHUP)  # as a logout sends it
+    assert process.wait(timeout=120) == 0
+    assert json.loads(next(out.glob("*/metrics.json")).read_text())["status"] == "completed"
+
+
+def test_a_stop_while_the_final_record_is_written_leaves_it_completed(real_data_dir, tmp_path):
+    """The completed record's write slowed by 3 s before its rename (a slow disk): SIGTERM then waits for it."""
+    slow = (
+        "import os, runpy, sys, time\n"
+        "replace, calls = os.replace, []\n"
+        "def slow(a, b):\n"
+        "    if str(b).endswith('metrics.json'):\n"
+        "        calls.append(b)\n"
+        "        if len(calls) == 2:\n"
+        "            open(os.environ['FINISHING'], 'w').close()\n"
+        "            time.sleep(3)\n"
+        "    return replace(a, b)\n"
+        "os.replace = slow\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path('ann.py', run_name='__main__')\n"
+    )
+    out, finishing = tmp_path / "runs", tmp_path / "finishing"
+    argv = [sys.executable, "-c", slow, "ann.py", *SMALL, "--out-dir", str(out)]
+    env = {**os.environ, "FINISHING": str(finishing)}
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not finishing.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # the completed record is being written
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in err
+    record = json.loads(next(out.glob("*/metrics.json")).read_text())
+    assert record["status"] == "completed" and record["final"]["test_acc"] > 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of 8 MB (tmpfs), where a test can fill the disk; skipped where mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_between_the_weights_and_the_record_keeps_them_agreeing(real_data_dir, small_disk, tmp_path):
+    """After epoch 1 the disk is filled but for room for the new weights: epoch 2's weights are written aside, its
+    record is not. model.pt must still hold epoch 1's weights, which the record names."""
+    out = small_disk / "runs"
+    argv = [sys.executable, "cnn.py", "--subset", "6000", "--val-size", "1000", "--epochs", "4", "--out-dir", str(out)]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, record = time.monotonic() + 120, {}
+    while time.monotonic() < deadline and not record.get("history"):
+        time.sleep(0.01)
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            record = json.loads(next(out.glob("*/metrics.json")).read_text())
+    process.send_signal(signal.SIGSTOP)
+    weights = next(out.glob("*/model.pt"))
+    epoch_1 = weights.read_bytes()
+    room = os.statvfs(small_disk)
+    pages = -(-len(epoch_1) // 4096) * 4096  # the new weights fit; nothing more does
+    (small_disk / "filler").write_bytes(b"\0" * (room.f_bavail * room.f_frsize - pages))
+    process.send_signal(signal.SIGCONT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 2 and "No space left" in err and "Traceback" not in err
+    record = json.loads(next(out.glob("*/metrics.json")).read_text())
+    assert record["model_pt"] == "weights after epoch 1" and weights.read_bytes() == epoch_1
+
+
+@pytest.mark.parametrize("delay", [0.06, 0.09, 0.12, 0.2])
+def test_a_ctrl_c_in_the_first_moments_is_never_a_traceback(delay, tmp_path):
+    """SIGINT and SIGTERM in the first tenths of a second, as the script's imports begin: the guard was installed
+    only after plumbing's own imports (60-110 ms into start-up), and a Ctrl-C before it printed a traceback. What
+    remains is Python compiling the script itself, before its first line runs."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        process = subprocess.Popen(
+            [sys.executable, "compare.py", "--out-dir", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(delay)
+        process.send_signal(stop)
+        _, err = process.communicate(timeout=60)
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err

@@ -5,11 +5,12 @@ Runs that are stopped or go wrong are in test_robustness.py; compare.py, which r
 test_compare.py.
 """
 
+import common
+from plumbing import runs
+
 import json
 import re
 import sys
-
-import common
 
 import pytest
 import torch
@@ -63,8 +64,8 @@ def test_the_estimate_after_the_second_epoch_counts_the_epochs_left_and_the_fina
     estimates = []
     for epochs, views in ((3, 1), (13, 1), (13, 10)):
         clock = iter(range(0, 10**6, 60))
-        monkeypatch.setattr(common.time, "perf_counter", lambda clock=clock: next(clock))
-        run = common.Run("ann", settings(), torch.device("cpu"), "fp32", tmp_path)
+        monkeypatch.setattr(runs.time, "perf_counter", lambda clock=clock: next(clock))
+        run = common.Run("ann", settings(out_dir=str(tmp_path)), torch.device("cpu"), "fp32")
         data = common.Splits(*[(torch.zeros(n, 1), None) for n in (1000, 200, 1000)])
         run.start_training(data, nn.Linear(1, 1), nn.Linear(1, 1), epochs, views, {})
         capsys.readouterr()
@@ -138,7 +139,7 @@ def test_model_pt_reproduces_the_saved_test_accuracy(runs):
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
-    folders = {common.Run("same", settings(), torch.device("cpu"), "fp32", tmp_path).dir for _ in range(5)}
+    folders = {common.Run("same", settings(out_dir=str(tmp_path)), torch.device("cpu"), "fp32").dir for _ in range(5)}
     assert len(folders) == 5
 
 

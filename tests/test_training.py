@@ -3,9 +3,9 @@ weight average, and what training does with its settings (the same seed, no vali
 one image). What a finished run writes is in test_runs.py; precision and the loss scaler in test_precision.py.
 """
 
-import json
-
 import common
+
+import json
 
 import pytest
 import torch
@@ -75,16 +75,6 @@ def test_a_last_batch_of_one_image_trains_the_batchnorm_model(real_data_dir, tmp
 # The scripts' epoch step and loop
 
 
-def labelled(script, y):
-    """The targets a script's batches carry: ann.py's also hold a teacher's logits (None: no teacher here)."""
-    return (y, None) if script is ann else y
-
-
-def distillation(script):
-    """What ann.py's step takes after the scaler: the distillation's temperature and weight (unused here)."""
-    return (1.0, 0.0) if script is ann else ()
-
-
 @pytest.mark.parametrize("script", [ann, cnn])
 def test_the_scripts_epoch_steps_optimizer_scheduler_and_average_once_per_batch(script):
     x, y = torch.randn(1003, 1, 28, 28), torch.randint(0, 10, (1003,))
@@ -92,10 +82,10 @@ def test_the_scripts_epoch_steps_optimizer_scheduler_and_average_once_per_batch(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     ema = common.EMA(model, 0.9)
-    batches = common.shuffled_batches(x, labelled(script, y), 64, torch.Generator().manual_seed(0))
+    batches = common.shuffled_batches(x, y, 64, torch.Generator().manual_seed(0))
     amp = common.autocast(torch.device("cpu"), "fp32")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    step = (optimizer, scheduler, nn.CrossEntropyLoss(), ema, amp, scaler, *distillation(script))
+    step = (optimizer, scheduler, nn.CrossEntropyLoss(), ema, amp, scaler)
     loss, acc = script.train_one_epoch(model, batches, *step)
     steps = common.steps_per_epoch(1003, 64)
     assert scheduler.last_epoch == steps == 16 and ema.steps == steps
@@ -117,8 +107,8 @@ def test_the_scripts_training_loop_lowers_the_loss_on_real_images(script, real_d
     loss_fn = nn.CrossEntropyLoss()
     losses = []
     for _ in range(3):
-        batches = common.shuffled_batches(x, labelled(script, y), 100, generator)
-        step = (optimizer, scheduler, loss_fn, None, amp, scaler, *distillation(script))
+        batches = common.shuffled_batches(x, y, 100, generator)
+        step = (optimizer, scheduler, loss_fn, None, amp, scaler)
         losses.append(script.train_one_epoch(model, batches, *step)[0])
     assert losses[-1] < 0.5 * losses[0]
 

@@ -3,13 +3,13 @@ feature cache, fine-tuning, its settings and bad weights files; and transfer wit
 the stand-in backbone of benchmarks/standin.py (ResNet weights cannot be downloaded where this is developed).
 """
 
+import common
+from plumbing import files
+
 import json
 import pickle
 import sys
 import urllib.error
-
-import common
-import plumbing
 
 import pytest
 import torch
@@ -197,7 +197,7 @@ def test_a_read_only_cache_dir_is_refused_before_extraction(tmp_path, capsys, mo
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(rt, "load_backbone", never_extract)
-    monkeypatch.setattr(plumbing.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", read_only)
     code, err = run_cli(rt, TINY_RT + ["--cache-dir", str(tmp_path / "c"), "--out-dir", str(tmp_path / "r")], capsys)
     assert code == 2
     one_line(err, "--cache-dir", "not writable", "Read-only file system")

@@ -1,8 +1,11 @@
-"""Photos, as predict.py reads and prepares them: image files opened only in the formats named, and a photo turned
-into a 28x28 image the way Fashion-MNIST's were made (Xiao et al. 2017, section 2): grey, the background
-(estimated from the border, uneven lighting included) subtracted and trimmed, the longest edge resized to 28 px,
-centred on a 28x28 canvas, light item on black."""
+"""predict.py's photos: image files opened only in the formats named, and a photo turned into a 28x28 image the way
+Fashion-MNIST's were made (Xiao et al. 2017, section 2): grey, the background (estimated from the border, uneven
+lighting included) subtracted and trimmed, the longest edge resized to 28 px, centred on a 28x28 canvas, light item
+on black."""
 
+from plumbing.stops import UserError
+
+import contextlib
 import math
 import os
 import stat
@@ -10,8 +13,6 @@ import struct
 import warnings
 from pathlib import Path
 from typing import NamedTuple
-
-from plumbing import UserError
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -76,10 +77,27 @@ def read_image(path):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, "too many pixels to be a photo worth opening (Pillow's decompression-bomb limit)"
     except READ_ERRORS as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
-        if isinstance(error, EOFError) or "truncated" in reason:
+        if isinstance(error, EOFError) or cut_short(path):
             return None, "is cut short: the file ends before its image does (an interrupted copy or download?)"
-        return None, f"cannot be used ({reason})"
+        return None, f"cannot be used ({' '.join(str(error).split()) or type(error).__name__})"
+
+
+def cut_short(path):
+    """Whether a file that could not be decoded ends before its format says it does: a PNG without its closing
+    IEND chunk, a JPEG without its end-of-image marker, a WebP or BMP shorter than the size its header gives."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        head, size = f.read(12), os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - 12))
+        tail = f.read()
+        if head.startswith(b"\x89PNG"):
+            return b"IEND" not in tail
+        if head.startswith(b"\xff\xd8"):
+            return b"\xff\xd9" not in tail
+        if head.startswith(b"RIFF"):
+            return int.from_bytes(head[4:8], "little") + 8 > size
+        if head.startswith(b"BM"):
+            return int.from_bytes(head[2:6], "little") > size
+    return False
 
 
 def grey_levels(image):
@@ -99,11 +117,15 @@ def grey_levels(image):
 
 def colour_levels(image):
     """The image's colours, (height, width, 3) float32 in 0-255: grey images (of any depth, as grey_levels reads
-    them) in three equal channels, transparent ones as if on white paper (the background product photos have)."""
+    them) in three equal channels, transparent ones laid on white, or on black when what they show is light (a
+    white shirt cut out for a shop would vanish on white)."""
     if image.mode in ("1", "L", "I", "F") or image.mode.startswith("I;16"):
         return np.repeat(grey_levels(image)[..., None], 3, axis=2)
     if "A" in image.mode or "transparency" in image.info:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:] / 255
+        light = (rgba[..., :3].mean(-1, keepdims=True) * alpha).sum() > 160 * max(float(alpha.sum()), 1)
+        return rgba[..., :3] * alpha + (0 if light else 255) * (1 - alpha)
     return np.asarray(image.convert("RGB"), dtype=np.float32)
 
 
@@ -249,15 +271,19 @@ class Found(NamedTuple):
 ANALYSIS_SIDE = 128  # pixels a side of the copy the item is looked for in
 
 
-def find_item(colours):
+def find_item(colours, frame=None):
     """What stands out from the background of a photo (its colours, colour_levels), as a Found. The item differs
     from the background by more than 5% of 255 (the paper's trim) or than 4 sigma of the noise measured on the
     background, in colour: a red shirt on beige stands out though its grey is the beige's. The background is
     estimated from the border inside any bars or frame, then from all but the item; a patterned one (checks, a
-    coarse grain) by the few colours it is made of."""
+    coarse grain) by the few colours it is made of. Bars or a frame inside which nothing stands out, or an item
+    reaching all four of their edges, were more likely the background around an item that fills most of the photo:
+    it is looked for again without them (`frame`: the (top, bottom, left, right) to look inside, on the small
+    copy)."""
     small = shrunk(colours, ANALYSIS_SIDE)
     scale = colours.shape[0] / small.shape[0], colours.shape[1] / small.shape[1]  # rows and columns per pixel
-    top, bottom, left, right = inside_frame(small)
+    whole = (0, small.shape[0], 0, small.shape[1])
+    top, bottom, left, right = frame or inside_frame(small)
     picture = small[top:bottom, left:right]
     height, width = picture.shape[:2]
     v, u = np.mgrid[0:height, 0:width]
@@ -293,6 +319,11 @@ def find_item(colours):
     box = in_photo(found, scale) if found else None
     inside = in_photo((top, bottom, left, right), scale)
     problem = judged(box, apart(labels, sizes), patterned is not None, colours.shape[:2], inside)
+    cut_off = "the item reaches all four edges"
+    if frame is None and (top, bottom, left, right) != whole and (box is None or problem and cut_off in problem):
+        again = find_item(colours, whole)  # the "bars" may be the background around an item that fills the photo
+        if again.box is not None and cut_off not in (again.problem or ""):
+            return again
     angle = tilt(contrast) if box else 0.0
     # The item is cut out by its colours' distance from the pattern's only where these are distinct: a carpet's
     # mottle or a grain goes either way, and its signed difference averages away as the picture shrinks.
@@ -361,7 +392,15 @@ def tilt(contrast, largest=20, sure=0.25, least=3):
     up and down or across (a sleeve, a trouser leg, a sole). Their directions, taken four times round (so that those
     a right angle apart agree) and weighted by the edges' strength, point to the tilt; 0 unless `sure` of it, or
     for a tilt under `least` degrees (turning the picture blurs it a little)."""
-    dy, dx = np.gradient(contrast)
+    if min(contrast.shape) < 3:  # a sliver (a panorama shrunk): no direction to read
+        return 0.0
+    # Scharr's differences: their directions are true to a few tenths of a degree, where np.gradient's lean
+    # towards the diagonals (a 12-degree tilt read as 14).
+    padded = np.pad(contrast, 1, mode="edge")
+    rows = [padded[i : i + contrast.shape[0]] for i in range(3)]
+    smooth = [3 * r[:, :-2] + 10 * r[:, 1:-1] + 3 * r[:, 2:] for r in rows]
+    dy = smooth[2] - smooth[0]
+    dx = sum(w * (r[:, 2:] - r[:, :-2]) for w, r in zip((3, 10, 3), rows, strict=True))
     strength = dx**2 + dy**2
     if not strength.sum():
         return 0.0
@@ -436,11 +475,17 @@ def prepare(image):
         top, bottom, left, right = box_of(mask) or (0, mask.shape[0], 0, mask.shape[1])
         channels = channels[:, top:bottom, left:right]
     # Centred on a square of the longest side before shrinking to 28x28, rather than shrunk and then centred on
-    # the canvas: a margin of an odd number of pixels would otherwise put a mirrored item one pixel off.
+    # the canvas: a margin of an odd number of pixels would otherwise put a mirrored item one pixel off. A square
+    # past 4,096 px a side (a panorama's would take gigabytes) is made of the item box-shrunk to fit it first.
     height, width = channels.shape[1:]
     side = max(height, width)
-    above, before = (side - height) // 2, (side - width) // 2
-    channels = np.pad(channels, ((0, 0), (above, side - height - above), (before, side - width - before)))
+    if side > 4096:
+        size = (max(1, round(width * 4096 / side)), max(1, round(height * 4096 / side)))
+        channels = np.stack([resized(c, size, Image.Resampling.BOX) for c in channels])
+    height, width = channels.shape[1:]
+    above, before = (max(height, width) - height) // 2, (max(height, width) - width) // 2
+    square = max(height, width)
+    channels = np.pad(channels, ((0, 0), (above, square - height - above), (before, square - width - before)))
     # Each channel shrunk signed, then the distance over the channels: what goes either way (grain, noise) cancels.
     canvas = rms(np.stack([resized(c, (28, 28), Image.Resampling.LANCZOS) for c in channels], axis=-1))
     # How far each pixel is from the background, less the 5% that counts as background: light on black, whether

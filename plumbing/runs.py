@@ -1,0 +1,400 @@
+"""The run folder, the one place that knows it: runs/<script>-<date>-<time>/ with metrics.json (the record), model.pt
+(the weights) and the figures. Run writes it as a script trains; read_record and load_run read it back, for
+predict.py and compare.py alike. docs/run-record.md says what each field means."""
+
+from plumbing import files
+from plumbing.settings import check_recorded
+from plumbing.stops import Diverged, UserError, signals_deferred
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def runs_folder(out_dir):
+    """Where run folders go: OUT_DIR, or runs/ beside the scripts."""
+    return Path(out_dir or files.HERE / "runs")
+
+
+def new_run_folder(out_dir, script):
+    """A new, empty folder for a run of `script` in `out_dir`, named after the script and the time it started."""
+    out_dir = runs_folder(out_dir)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            path = out_dir / (f"{script}-{stamp}" + (f"-{n}" if n else ""))
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()  # atomic: two runs started in the same second never share a folder
+                return path
+    except OSError as error:
+        raise UserError(
+            f"cannot create a run folder in {out_dir}: {error.strerror}; choose a writable --out-dir"
+        ) from None
+    raise UserError(f"{out_dir} already holds 1000 runs named {script}-{stamp}; choose another --out-dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# Written: a record of what main() hands it, saved after every epoch together with the weights.
+
+
+class Run:
+    """One training run's folder and record, written as main() hands it what happened. A run that trained an epoch
+    keeps its record, curves and the weights of its last finished epoch whatever ends it; one that fails before its
+    first epoch leaves no folder behind. The record and the weights it names are written with stops deferred."""
+
+    def __init__(self, script, hp, device, precision):
+        import common  # the toolbox: how the device is named, and the figures a run shows
+
+        self.common, self.script, self.started, self.unsaved = common, script, time.perf_counter(), None
+        self.record = {"script": script, "status": "running", "device": str(device)}
+        self.record.update(device_name=common.device_name(device), precision=precision, torch_version=torch.__version__)
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        self.record.update(started=started, hparams={k.upper(): v for k, v in vars(hp).items()}, history=[], final=None)
+        print(f"{script}: device={device} ({common.device_name(device, units=True)}) precision={precision}")
+        print("  " + "  ".join(f"{k.lower()}={v}" for k, v in self.record["hparams"].items()), flush=True)
+        self.dir = new_run_folder(hp.out_dir, script)  # after the flush: an output that fails first (stdout on a
+        print(f"  run folder: {self.dir}")  # full disk) leaves no empty folder behind
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        """How the run ended, recorded: interrupted (Ctrl-C, a signal, a closed output), diverged or failed."""
+        if exc_type is None or self.record["status"] == "completed":  # e.g. Ctrl-C while a figure is drawn
+            return False
+        if not self.record["history"] and not issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError, Diverged)):
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()  # empty: nothing is written before the first epoch
+            return False
+        stopped = issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError))
+        self.record["status"] = "interrupted" if stopped else "diverged" if exc_type is Diverged else "failed"
+        if self.record["status"] == "failed":
+            self.record["error"] = (str(exc).splitlines() or [exc_type.__name__])[0]
+        self.save()
+        done = len(self.record["history"])
+        print(f"{self.script}: {self.record['status']} after {done} epoch(s); record in {self.dir}", file=sys.stderr)
+        if done:
+            self.draw(self.common.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
+        return False
+
+    def start_training(self, data, model, evaluated, epochs, views, trained):
+        """Record the split sizes and trainable parameters, print them and the epoch table's header, start the clock.
+        `evaluated`: the model whose weights are saved (the weight average, where there is one); `views`: how many
+        test-time views the final evaluation averages; `trained`: {words: whether they apply}, how the training
+        batches differ from an evaluation, for the curves' legend."""
+        sizes = {name: len(split[0]) for name, split in data._asdict().items()}
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.record.update(split_sizes=sizes, trainable_params=params)
+        self.model, self.epochs, self.views = getattr(evaluated, "module", evaluated), epochs, views
+        images = data.train[0][:30] if data.train[0].dim() == 4 else None  # transfer's are features, not images
+        self.examples = None if images is None else (images.float().cpu(), data.train[1][:30].cpu())
+        # The final evaluation, in epochs: a training image costs about 3 forward passes, each view evaluated 1.
+        sample = min(sizes["train"], self.common.TRAIN_SAMPLE)
+        self.final_cost = (sample + sizes["val"] + sizes["test"]) * views / (3 * sizes["train"] + sizes["val"])
+        batches = ", ".join(words for words, applies in trained.items() if applies)
+        average = ", weight average" if evaluated is not model else ""
+        self.legend = ("training batches" + (f" ({batches})" if batches else ""), f"validation (evaluated{average})")
+        print(f"  {params:,} trainable parameters; {sizes['train']:,} training, {sizes['val']:,} validation images")
+        print("epoch train_loss train_acc val_loss val_acc        lr seconds")
+        print("      (train: the batches as trained; val: each image once; lr: where the epoch ends)")
+        self.epoch_started = time.perf_counter()
+
+    def log_epoch(self, epoch, train_loss, train_acc, val_loss, val_acc, lr):
+        """Add the epoch's row to the record and save its weights with it, then print the row."""
+        seconds, was_unsaved = time.perf_counter() - self.epoch_started, self.unsaved
+        row = dict(epoch=epoch, train_batch_loss=train_loss, train_batch_acc=train_acc, val_loss=val_loss)
+        self.record["history"].append({**row, "val_acc": val_acc, "lr": lr, "seconds": seconds})
+        self.unsaved = self.save(weights=f"weights after epoch {epoch}")
+        if self.unsaved is not None and was_unsaved is None:  # said once, and only if the record could be written
+            print(f"{self.script}: warning: {self.unsaved}; training goes on without saving weights", file=sys.stderr)
+        val = f"{val_loss:>8.4f} {val_acc:>7.2%}" if val_loss is not None else f"{'-':>8} {'-':>7}"
+        print(f"{epoch:>5} {train_loss:>10.4f} {train_acc:>9.2%} {val} {lr:>9.2e} {seconds:>7.1f}", flush=True)
+        if epoch == 2 and self.epochs > 2:  # the first epoch pays one-off costs, so the second sets the pace
+            minutes = (time.perf_counter() - self.started + seconds * (self.epochs - 2 + self.final_cost)) / 60
+            print(f"      (about {minutes:.1f} min in all at this pace, the final evaluation included)")
+        self.epoch_started = time.perf_counter()
+
+    def finish(self, final, confusion, figures=()):
+        """Record and print the final accuracies and the test confusion matrix, then draw the curves, the confusion
+        matrix and `figures` ((plot, file name, *arguments), ...). The weights are the last epoch's, saved then."""
+        final = {**final, "seconds": time.perf_counter() - self.started}
+        rates = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+        per_class = dict(zip(self.common.CLASSES, rates, strict=True))
+        self.record.update(final=final, per_class_test_acc=per_class, test_confusion=confusion.tolist())
+        if self.unsaved is None:
+            self.record["model_pt"] = f"final weights, as evaluated (after epoch {len(self.record['history'])})"
+        self.record["status"] = "completed"
+        self.save()
+        shown = " ".join(f"{k}={'n/a' if final[k] is None else f'{final[k]:.2%}'}" for k in list(final)[:3])
+        sampled = self.record["split_sizes"]["train"] > self.common.TRAIN_SAMPLE
+        how = (
+            f"train: a sample of {self.common.TRAIN_SAMPLE:,}; " if sampled else ""
+        ) + f"{self.views} view(s) of each image"
+        print(f"{self.script}: {shown} seconds={final['seconds']:.1f} ({how})", flush=True)
+        self.draw(self.common.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
+        title = f"{self.script}: test confusion, rows = true class"
+        for plot, name, *arguments in [(self.common.plot_confusion, "confusion.png", confusion, title), *figures]:
+            self.draw(plot, name, *arguments)
+        if self.examples is not None and not (self.dir.parent / "training-images.png").exists():  # once a folder
+            self.draw(self.common.plot_training_images, "../training-images.png", *self.examples)
+        if self.unsaved is not None:
+            raise UserError(f"{self.unsaved}; the accuracies are recorded in {self.dir / 'metrics.json'}")
+
+    def draw(self, plot, name, *args):
+        """A figure that cannot be drawn (a full disk, a broken matplotlib) is named on stderr; the run stands."""
+        try:
+            files.write_figure(plot, self.dir / name, *args)
+        except UserError as error:
+            print(f"{self.script}: {error}", file=sys.stderr)
+
+    def save(self, weights=None):
+        """Write the record, with stops deferred. With `weights` (the words that name them), the model's weights too:
+        renamed into model.pt only once the record naming them is written. Returns why the weights could not be
+        written (the record then still names the older ones model.pt holds), or None."""
+        record = self.dir / "metrics.json"
+        with signals_deferred():
+            if weights is None:
+                return files.atomic_write(record, json.dumps(self.record, indent=2, allow_nan=False).encode())
+            try:
+                staged = files.staged(self.dir / "model.pt", files.tensor_bytes(self.model.state_dict()))
+            except UserError as error:  # a full disk: training goes on, so that its accuracies are recorded
+                self.save()
+                return error
+            with staged:  # should the record not be written, model.pt keeps the weights it names
+                named, self.record["model_pt"] = self.record.get("model_pt"), weights
+                try:
+                    self.save()
+                except UserError:
+                    self.record["model_pt"] = named
+                    raise
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Read back: a record checked field by field, and a trained model rebuilt from its folder in one call.
+
+RECORD_LIMIT = 2**24  # bytes: a record of ten thousand epochs takes about 2 MB
+
+
+def is_number(value):
+    """A finite number (not a bool, NaN or infinite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300
+
+
+FINAL = ("train_acc", "val_acc", "test_acc", "test_loss", "seconds")  # the fields of `final` a tool reads
+
+
+def layout_problem(record):
+    """What is wrong with a parsed record's layout, in a few words, or None. Only the fields a tool reads are checked.
+    A `final` that is not a table of accuracies is damage in a completed run; in one that did not end (a hand-edited
+    record) it is read as no final accuracies. A loss or a time that is NaN or infinite (as records written before
+    they were strict JSON may hold) is read as missing."""
+    if not isinstance(record, dict) or not isinstance(record.get("hparams"), dict):
+        return "not a run's record"
+    if not all(isinstance(record.get(k), (str, type(None))) for k in ("script", "status", "started", "precision")):
+        return "not the record of a run (its script, status, start time or precision is not text)"
+    if not isinstance(record.get("model_pt"), (str, type(None))):
+        return "it names no weights (model_pt is not text)"
+    history = record.setdefault("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) and is_number(h.get("epoch")) for h in history):
+        return "its history is not a list of numbered epochs"
+    if not all(h.get("val_acc") is None or is_number(h["val_acc"]) for h in history):
+        return "an epoch's val_acc is not a number"
+    final, damage = record.get("final"), None
+    if final is not None and not isinstance(final, dict):
+        damage = "its final results are not a table of numbers: no final test accuracy"
+    for name in FINAL if isinstance(final, dict) else ():
+        value = final.get(name)
+        if name.endswith("_acc") and value is not None and not (is_number(value) and 0 <= value <= 1):
+            damage = damage or f"final {name} is {value!r}, not an accuracy in [0, 1]"
+        elif not name.endswith("_acc") and isinstance(value, float) and not is_number(value):
+            final[name] = None  # NaN or infinite: missing
+        elif not name.endswith("_acc") and value is not None and not is_number(value):
+            damage = damage or f"final {name} is {value!r}, not a number"
+    if record.get("status") == "completed" and damage:
+        return f"the record is damaged: {damage}"
+    if record.get("status") == "completed" and (final is None or final.get("test_acc") is None):
+        return "the record is damaged: no final test accuracy, though the run completed"
+    if damage:
+        record["final"] = None
+    return None
+
+
+def read_record(path):
+    """A run's metrics.json, read as every file a user hands us is (a regular file of bounded size) and checked
+    (layout_problem), or a UserError saying what is wrong."""
+    data = files.read_file(path, "run record", RECORD_LIMIT)
+    try:
+        record = json.loads(data)
+    except RecursionError:  # json nests as deep as the file says: no record of a run is nested that deep
+        raise UserError(f"{path} is damaged (nested too deeply to be a run's record)") from None
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise UserError(f"{path} is unreadable ({type(error).__name__})") from None
+    problem = layout_problem(record)
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    return record
+
+
+# The settings of each script's record that rebuilding its model reads ("?": runs from before it may lack it).
+RECORDED = {
+    "ann": ("DROPOUT", "TTA_FLIP", "SUBSET"),
+    "cnn": ("DROPOUT", "FC_WIDTH", "TTA_FLIP", "TTA_SHIFT?", "SUBSET"),
+    "resnet_transfer": ("BACKBONE", "WEIGHTS", "IMAGE_SIZE", "FINETUNE", "DROPOUT", "BATCH_SIZE", "EXTRACT_BATCH"),
+}
+RECORDED["resnet_transfer"] += ("SEED", "SUBSET")
+# Runs made before SEED was held to 32 bits may have larger ones.
+RECORD_CHECKS = {"SEED": (int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")}
+PRECISIONS = {"fp32": "fp32", "tf32": "fp32", "bf16": "bf16", "fp16": "fp16"}  # what ran -> what to ask for again
+
+
+class SavedRun(argparse.Namespace):
+    """A run folder read back: its `folder`, `record`, `script`, `settings` (by name, checked), `precision` (to ask
+    for again), `final` ({train_acc, val_acc, test_acc, ...} or None when the run did not end), `weights` (the words
+    that say which weights model.pt holds), `final_weights` (whether they are those the final accuracies are of),
+    and, when loaded for a device, `logits`: uint8 images (N, 1, 28, 28) -> the model's logits."""
+
+
+def load_run(folder, device=None, precision=""):
+    """The run in `folder`, checked, with its model rebuilt on `device` (unless None) in `precision` ("": the one
+    the run was evaluated in); or a UserError naming what is wrong with it. A run that was stopped, or is still
+    training, or whose final weights could not be written, has the weights of an earlier epoch: they are used, and
+    that is said."""
+    path = folder / "metrics.json"
+    if not os.path.lexists(path):
+        raise UserError(f"{folder}: no metrics.json; pass a run folder (runs/<script>-<date>), or a script's name")
+    record = read_record(path)
+    script, status, final = record.get("script"), record.get("status"), record.get("final")
+    if script not in RECORDED:
+        raise UserError(f"{path}: not the record of a run of {', '.join(f'{s}.py' for s in RECORDED)}")
+    weights = record.get("model_pt")
+    if weights is None or status != "completed" and not (folder / "model.pt").exists():
+        raise UserError(f"{folder}: the run's status is {status!r} and it saved no weights; train it again")
+    final_weights = status == "completed" and weights.startswith("final weights")
+    if status != "completed":
+        print(f"note: the run is {status!r}, not completed; using its {weights}", file=sys.stderr)
+    elif not final_weights:
+        print(
+            f"note: the run completed, but its final weights could not be saved: model.pt holds its {weights}, "
+            "not the weights its accuracies were measured with",
+            file=sys.stderr,
+        )
+    if record.get("precision", "fp32") not in PRECISIONS:
+        raise UserError(f"{path}: its precision {record['precision']!r} is not one that runs here")
+    try:
+        settings = check_recorded(record["hparams"], RECORDED[script], checks=RECORD_CHECKS)
+    except UserError as error:
+        raise UserError(f"{path}: its settings are incomplete or damaged ({error})") from None
+    run = SavedRun(folder=folder, record=record, script=script, settings=settings, weights=weights)
+    run.precision, run.final_weights = PRECISIONS[record.get("precision", "fp32")], final_weights
+    run.final = final if final and final.get("test_acc") is not None else None
+    if device is not None:
+        run.logits = rebuilt(run, device, precision)
+    return run
+
+
+def latest_run(script, out_dir=""):
+    """The folder of the newest completed run of `script` (ann, cnn or resnet_transfer) in OUT_DIR or runs/."""
+    newest = None
+    for folder in sorted(runs_folder(out_dir).glob(f"{script}-*")):
+        with contextlib.suppress(UserError, OSError):
+            record = read_record(folder / "metrics.json")
+            if record.get("status") == "completed" and (newest is None or record["started"] >= newest[0]):
+                newest = record["started"], folder
+    if newest is None:
+        raise UserError(f"no completed run of {script}.py in {runs_folder(out_dir)}: train one with python {script}.py")
+    return newest[1]
+
+
+def rebuilt(run, device, precision):
+    """A function from uint8 images (N, 1, 28, 28) to logits: the run's model with its weights, and the preparation
+    its inputs had (its normalisation, or the frozen backbone of a transfer run), computed in `precision` ("": the
+    one the run was evaluated in). Only the run's own script is imported. Outputs that are not numbers are refused."""
+    import common
+
+    amp = common.autocast(device, common.pick_precision(precision or run.precision, device))
+    hp = run.settings
+    with torch.device("meta"):  # shapes without memory: model.pt is checked against them before anything is loaded
+        model = model_of(run.script, hp)
+    if run.script != "resnet_transfer":
+        norm = normalization(run)
+        model = load_weights(model, run, run.script, device)
+        tta = (hp.tta_flip, getattr(hp, "tta_shift", 0))
+        return lambda x: finite(common.compute_logits(model, (x.float() - norm["mean"]) / norm["std"], amp, *tta), run)
+    import resnet_transfer as rt
+
+    torch.manual_seed(hp.seed)  # a random backbone (--weights none) is rebuilt from the run's seed
+    backbone, weights_id, image_mean, image_std = rt.load_backbone(hp.backbone, hp.weights, hp.seed)
+    if weights_id != run.record.get("weights"):
+        raise UserError(f"{run.folder}: the backbone weights now at {hp.weights} are not the ones the run used")
+    image_size = run.record.get("image_size", hp.image_size)  # the size that ran (IMAGE_SIZE may say "auto")
+    if type(image_size) is not int or not 32 <= image_size <= 512:
+        raise UserError(f"{run.folder}/metrics.json: its image_size {image_size!r} is damaged (32 to 512 pixels)")
+    preprocess = rt.Preprocess(image_size, image_mean, image_std)
+    if hp.finetune:  # model.pt holds the whole fine-tuned model: backbone (with its trained layer4) and head
+        finetuned = rt.FineTuned(preprocess, backbone, model)
+        finetuned = load_weights(finetuned, run, "resnet_transfer.py --finetune", device)
+        return lambda x: finite(common.compute_logits(finetuned, x, amp, chunk=hp.batch_size), run)  # training's memory
+    head = load_weights(model, run, "resnet_transfer.py head", device)
+    backbone, preprocess = backbone.to(device, memory_format=torch.channels_last), preprocess.to(device)
+    features = lambda x: rt.extract_features(preprocess, backbone, x, device, amp, hp.extract_batch)  # noqa: E731
+    return lambda x: finite(common.compute_logits(head, features(x), amp, chunk=hp.batch_size), run)
+
+
+def model_of(script, hp):
+    """The untrained model of a run of `script`, built as the script builds it from its settings."""
+    if script == "ann":
+        from ann import ANN
+
+        return ANN(hp.dropout)
+    if script == "cnn":
+        from cnn import CNN
+
+        return CNN(hp.fc_width, hp.dropout)
+    from resnet_transfer import FEATURES, Head
+
+    return Head(FEATURES[hp.backbone], hp.dropout)
+
+
+def finite(logits, run):
+    """The logits, unless some are NaN or infinite: then no answer is better than a made-up one."""
+    if not torch.isfinite(logits).all():
+        raise UserError(
+            f"{run.folder}: the model's outputs are NaN or infinite; its model.pt or the normalisation in its "
+            "metrics.json is damaged: train it again"
+        )
+    return logits
+
+
+def normalization(run):
+    """The {"mean", "std"} the run normalised its images with, refused in one line if missing or damaged."""
+    norm = run.record.get("normalization")
+    if not isinstance(norm, dict) or "mean" not in norm or "std" not in norm:
+        raise UserError(f"{run.folder}: made before runs recorded their normalisation (or damaged); train it again")
+    for key in ("mean", "std"):
+        value = norm[key]
+        if not is_number(value) or key == "std" and value <= 0:
+            raise UserError(
+                f"{run.folder}/metrics.json: its normalisation is damaged (normalization.{key} = {value!r}; "
+                f"it must be a finite number{' > 0' if key == 'std' else ''})"
+            )
+    return norm
+
+
+def load_weights(model, run, name, device):
+    """The model (built on the meta device: shapes, no memory) with the run's weights, on the device and in eval
+    mode; weights of another model, or damaged ones, are refused in one line."""
+    path = run.folder / "model.pt"
+    state = files.load_tensors(path, f"{run.folder}: model.pt", files.state_bytes(model))
+    files.check_state_dict(state, model, str(path), name)
+    model = model.to_empty(device=device)  # memory, now that the weights are known to fit
+    model.load_state_dict(state)
+    return model.to(memory_format=torch.channels_last).eval()

@@ -1,0 +1,200 @@
+"""Settings: a script's UPPER_CASE constants are its command line (EPOCHS -> --epochs), each checked before any work
+starts; the settings a run's record keeps are checked the same way when it is read back."""
+
+from plumbing.stops import UserError
+
+import argparse
+import math
+import re
+import reprlib
+import sys
+from pathlib import Path
+
+N_TRAIN = 60_000
+
+
+def expand_path(text):
+    """A folder or file argument, with `~` expanded as a shell would (`~user` only for a user that exists)."""
+    try:
+        return str(Path(text).expanduser()) if text else text
+    except RuntimeError:  # no home folder for that user: argparse turns this into one line naming the flag
+        raise argparse.ArgumentTypeError(f"{text}: no such user to expand {text.split('/')[0]} for") from None
+
+
+def anything(value):
+    return True
+
+
+def pixels(text):
+    """An image size: a whole number of pixels, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid image size: {text!r} (a number of pixels, or auto)") from None
+
+
+def is_weights(value):
+    return value in ("DEFAULT", "none") or value.startswith("IMAGENET") or Path(value).is_file()
+
+
+# The training scripts' settings: (type, check, what is allowed). The type is the flag's, whatever the default
+# is written as (DROPOUT = 0 still takes --dropout 0.3); a constant of another type is refused. predict.py and
+# compare.py add their own (`checks`).
+SETTINGS = {
+    "EPOCHS": (int, lambda v: v >= 1, "an integer >= 1"),
+    "BATCH_SIZE": (int, lambda v: v >= 2, "an integer >= 2 (BatchNorm cannot train on one image)"),
+    "LR": (float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "MOMENTUM": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "WEIGHT_DECAY": (float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "WARMUP": (float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "DROPOUT": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "FC_WIDTH": (int, lambda v: 1 <= v <= 2**16, "an integer in [1, 65536]"),
+    "LABEL_SMOOTHING": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "EMA_DECAY": (float, lambda v: 0 <= v < 1, "a number in [0, 1) (0 turns EMA off)"),
+    "MAX_SHIFT": (int, lambda v: 0 <= v <= 8, "an integer in [0, 8] (pixels)"),
+    "FLIP": (bool, anything, "on or off"),
+    "FIXED_CONV1": (bool, anything, "on or off"),
+    "TTA_FLIP": (bool, anything, "on or off"),
+    "TTA_SHIFT": (int, lambda v: 0 <= v <= 4, "an integer in [0, 4]"),
+    "VAL_SIZE": (int, lambda v: 0 <= v < N_TRAIN, f"an integer in [0, {N_TRAIN})"),
+    "SUBSET": (int, lambda v: 0 <= v <= N_TRAIN, f"an integer in [0, {N_TRAIN}] (0 = all)"),
+    "SEED": (int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32): torch's generators keep 32 bits of a seed"),
+    "DEVICE": (str, lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), "auto, cpu, cuda, cuda:N or mps"),
+    "PRECISION": (str, lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
+    "DATA_DIR": (expand_path, anything, "a folder"),
+    "OUT_DIR": (expand_path, anything, "a folder"),
+    "CACHE_DIR": (expand_path, anything, "a folder"),
+    "SHOW": (bool, anything, "on or off"),
+    "BACKBONE": (str, lambda v: v in ("resnet18", "resnet34", "resnet50"), "resnet18, resnet34 or resnet50"),
+    "WEIGHTS": (expand_path, is_weights, "DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2, none, or a state-dict file"),
+    "IMAGE_SIZE": (pixels, lambda v: v == "auto" or 32 <= v <= 512, "auto or an integer in [32, 512]"),
+    "FINETUNE": (bool, anything, "on or off"),
+    "EXTRACT_BATCH": (int, lambda v: v >= 1, "an integer >= 1"),
+    "TEACHER": (expand_path, anything, "a cnn.py run folder, or empty"),
+    "TEMPERATURE": (float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
+    "DISTILL_WEIGHT": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def flag(name):
+    return "--" + name.lower().replace("_", "-")
+
+
+def hyphenated(arg, flags):
+    """--label_smoothing, as the constant is spelt, is --label-smoothing (the one spelling --help shows)."""
+    name, equals, value = arg.partition("=")
+    dashed = "--" + name[2:].replace("_", "-")
+    return dashed + equals + value if arg.startswith("--") and dashed in flags else arg
+
+
+def _comments(source):
+    """Trailing comments of `NAME = value  # comment` lines: the help text of each flag."""
+    pattern = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=.*?#\s*(.+)$", re.MULTILINE)
+    return {name: comment.strip() for name, comment in pattern.findall(source)}
+
+
+def _has_type(value, kind):
+    """Whether value is of a setting's type: an int is a float too, but True is no number, and paths are strings."""
+    expected = {int: int, float: (int, float), bool: bool, pixels: (int, str)}.get(kind, str)
+    return isinstance(value, expected) and (type(value) is not bool or kind is bool)
+
+
+def _constants(namespace, script, checks):
+    """{NAME: (type, default)} of the script's settings; a constant of the wrong type is refused."""
+    constants = {}
+    for name, value in namespace.items():
+        if not name.isupper() or type(value) not in (int, float, str, bool):
+            continue
+        kind = checks.get(name, (type(value),))[0]
+        if not _has_type(value, kind):
+            wanted = {int: "an integer", float: "a number", bool: "True or False"}.get(kind, "a string")
+            raise UserError(f"{name} = {value!r} in {script} is not allowed: make it {wanted}")
+        constants[name] = (kind, float(value) if kind is float else value)
+    return constants
+
+
+def parse_hparams(namespace, argv=None, positionals=(), intermixed=False, checks=None):
+    """The script's UPPER_CASE constants as flags (EPOCHS -> --epochs); returns the values by name (hp.epochs).
+
+    `namespace` is the script's globals(): the constants are the defaults and their trailing comments the
+    help. `checks` adds {NAME: (type, check, allowed)} to SETTINGS for a tool's own settings. `positionals` are
+    (name, argparse keywords) of arguments that come before the flags, or anywhere among them with `intermixed`.
+    Every value is checked before any work starts.
+    """
+    checks = {**SETTINGS, **(checks or {})}
+    script = Path(namespace.get("__file__", "script")).name
+    helps = _comments(Path(namespace["__file__"]).read_text()) if "__file__" in namespace else {}
+    parser = _OneLineParser(prog=script, description=(namespace.get("__doc__") or "").strip().split("\n")[0])
+    for name, keywords in positionals:
+        parser.add_argument(name, **keywords)
+    flags = set()
+    for name, (kind, default) in _constants(namespace, script, checks).items():
+        help_text = helps.get(name, "").replace("%", "%%") + " (default: %(default)s)"
+        flags |= {flag(name), "--no-" + flag(name)[2:]} if kind is bool else {flag(name)}
+        if kind is bool:
+            parser.add_argument(flag(name), default=default, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag(name), default=default, type=kind, metavar=name, help=help_text)
+    argv = [hyphenated(arg, flags) for arg in (sys.argv[1:] if argv is None else argv)]
+    hp = parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv)
+    for name, value in vars(hp).items():
+        _, ok, allowed = checks.get(name.upper(), (None, anything, ""))
+        if not ok(value):
+            raise UserError(f"{flag(name)} ({name.upper()}) = {value!r} is not allowed: use {allowed}")
+    _check_split(hp)
+    return hp
+
+
+def _check_split(hp):
+    if not hasattr(hp, "val_size") or not hasattr(hp, "batch_size"):
+        return
+    n_train = (hp.subset or N_TRAIN) - hp.val_size
+    if n_train < 2:  # BatchNorm cannot train on fewer than two images
+        raise UserError(
+            f"--val-size {hp.val_size} leaves {max(n_train, 0)} training image(s) of --subset {hp.subset or N_TRAIN}; "
+            f"at least 2 are needed: make --val-size at most {(hp.subset or N_TRAIN) - 2}"
+        )
+    if hp.batch_size > n_train:
+        raise UserError(
+            f"--batch-size {hp.batch_size} is larger than the {n_train} training images: use at most {n_train}"
+        )
+
+
+def check_device(name):
+    """Refuse, in one line, a device named that is not here."""
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0 or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
+    if name not in ("cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
+
+
+def check_recorded(values, names, checks=None):
+    """The settings `names` from `values`, the {NAME: value} a run's record keeps, checked against SETTINGS (or
+    `checks`) as their flags are: returned by name (hp.dropout), or a UserError naming the first one that is
+    missing, of the wrong type or not allowed. A name ending in "?" may be missing: runs from before it existed."""
+    checked = {}
+    for name in names:
+        optional, name = name.endswith("?"), name.rstrip("?")
+        if name not in values:
+            if not optional:
+                raise UserError(f"{name} is missing")
+            continue
+        kind, ok, allowed = {**SETTINGS, **(checks or {})}[name]
+        value = values[name]
+        if not _has_type(value, kind) or not ok(value):
+            raise UserError(f"{name} = {reprlib.repr(value)} is not allowed: it must be {allowed}")
+        checked[name.lower()] = float(value) if kind is float else value
+    return argparse.Namespace(**checked)
