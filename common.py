@@ -18,7 +18,6 @@ import copy
 import math
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,27 +86,6 @@ def autocast(device, precision):
     convolutions in 16 bits, sums and losses in fp32), a no-op in fp32 and tf32. One object serves every `with`."""
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
-
-
-def device_name(device, units=False):
-    """The device as a run records it: the GPU with its capability and memory, or the CPU and its threads (with
-    `units`, and whether it has bf16 units)."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
-        return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}, {memory:.0f} GiB"
-    if device.type != "cpu":
-        return device.type
-    bf16 = f", {'with' if has_fast('bf16', device) else 'no'} bf16 units" if units else ""
-    return f"{cpu_model()}, {torch.get_num_threads()} threads{bf16}"
-
-
-def cpu_model():
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # not Linux
-        lines = []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), os.name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,8 +229,7 @@ def steps_per_epoch(n, batch_size):
 
 
 def shuffled_batches(x, y, batch_size, generator, augment=None):
-    """(images, labels) batches that cover every image exactly once, in a fresh random order. `y` may also be a
-    tuple of tensors indexed alike (labels and a teacher's logits, say; None passes through as None).
+    """(images, labels) batches that cover every image exactly once, in a fresh random order.
 
     A last batch of a single image is folded into the one before: BatchNorm cannot train on one image.
     `augment(images)` transforms each batch of images.
@@ -262,11 +239,7 @@ def shuffled_batches(x, y, batch_size, generator, augment=None):
         batches[-2:] = [torch.cat(batches[-2:])]
     for idx in tqdm(batches, leave=False, disable=not sys.stdout.isatty()):
         images = x.index_select(0, idx)  # 3x faster than x[idx] on a CPU
-        if isinstance(y, tuple):
-            targets = tuple(t if t is None else t.index_select(0, idx) for t in y)
-        else:
-            targets = y.index_select(0, idx)
-        yield (augment(images) if augment else images), targets
+        yield (augment(images) if augment else images), y.index_select(0, idx)
 
 
 class Tally:

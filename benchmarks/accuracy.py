@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-from plumbing import files  # noqa: E402
+from plumbing import files, runs  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -67,7 +67,7 @@ def run_script(name, argv, out_dir):
 
 def machine():
     return {
-        "cpu": common.cpu_model(),
+        "cpu": runs.device_name(torch.device("cpu")),
         "threads": torch.get_num_threads(),
         "cpu_bf16": common.has_fast("bf16", torch.device("cpu")),  # decides PRECISION = "auto" on the CPU
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

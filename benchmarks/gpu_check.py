@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-from plumbing import files  # noqa: E402
+from plumbing import files, runs  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -59,7 +59,7 @@ def main(argv=None):
     rows = []
     log = results_dir / "gpu_check.log"
     log.write_text("")
-    print(f"{common.device_name(device)}; torch {torch.__version__}")
+    print(f"{runs.device_name(device)}; torch {torch.__version__}")
 
     def step(name, fn):
         start = time.perf_counter()
@@ -196,14 +196,14 @@ def row_text(row):
 
 def save(results_dir, device, rows):
     """Rewritten after every step: a check stopped halfway keeps what it measured."""
-    record = {"device": common.device_name(device), "torch": torch.__version__, "rows": rows}
+    record = {"device": runs.device_name(device), "torch": torch.__version__, "rows": rows}
     (results_dir / "gpu_check.json").write_text(json.dumps(record, indent=2))
     (results_dir / "gpu_check.md").write_text(markdown(device, rows))
 
 
 def markdown(device, rows):
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {common.device_name(device)}, torch {torch.__version__}.",
+        f"Measured {time.strftime('%Y-%m-%d')} on {runs.device_name(device)}, torch {torch.__version__}.",
         "",
         "| step | wall s | epoch s (median) | val accuracy | test accuracy | notes |",
         "|---|---|---|---|---|---|",

@@ -41,6 +41,24 @@ def new_run_folder(out_dir, script):
     raise UserError(f"{out_dir} already holds 1000 runs named {script}-{stamp}; choose another --out-dir")
 
 
+def device_name(device, units=False):
+    """The device as a run records it: the GPU with its capability and memory, or the CPU and its threads (with
+    `units`, and whether it has bf16 units)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}, {memory:.0f} GiB"
+    if device.type != "cpu":
+        return device.type
+    from common import has_fast
+
+    bf16 = f", {'with' if has_fast('bf16', device) else 'no'} bf16 units" if units else ""
+    model = os.name  # where there is no /proc/cpuinfo (not Linux)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    return f"{model}, {torch.get_num_threads()} threads{bf16}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Written: a record of what main() hands it, saved after every epoch together with the weights.
 
@@ -48,18 +66,21 @@ def new_run_folder(out_dir, script):
 class Run:
     """One training run's folder and record, written as main() hands it what happened. A run that trained an epoch
     keeps its record, curves and the weights of its last finished epoch whatever ends it; one that fails before its
-    first epoch leaves no folder behind. The record and the weights it names are written with stops deferred."""
+    first epoch leaves no folder behind. The record, and the weights it names, are written with stops deferred."""
 
     def __init__(self, script, hp, device, precision):
-        import common  # the toolbox: how the device is named, and the figures a run shows
+        import common  # the toolbox: the figures a run shows
 
         self.common, self.script, self.started, self.unsaved = common, script, time.perf_counter(), None
-        self.record = {"script": script, "status": "running", "device": str(device)}
-        self.record.update(device_name=common.device_name(device), precision=precision, torch_version=torch.__version__)
-        started = datetime.datetime.now().isoformat(timespec="seconds")
-        self.record.update(started=started, hparams={k.upper(): v for k, v in vars(hp).items()}, history=[], final=None)
-        print(f"{script}: device={device} ({common.device_name(device, units=True)}) precision={precision}")
-        print("  " + "  ".join(f"{k.lower()}={v}" for k, v in self.record["hparams"].items()), flush=True)
+        hparams, started = (
+            {k.upper(): v for k, v in vars(hp).items()},
+            datetime.datetime.now().isoformat("T", "seconds"),
+        )
+        self.record = dict(script=script, status="running", device=str(device), device_name=device_name(device))
+        self.record.update(precision=precision, torch_version=torch.__version__, started=started)
+        self.record.update(hparams=hparams, history=[], final=None)
+        print(f"{script}: device={device} ({device_name(device, units=True)}) precision={precision}")
+        print("  " + "  ".join(f"{k.lower()}={v}" for k, v in hparams.items()), flush=True)
         self.dir = new_run_folder(hp.out_dir, script)  # after the flush: an output that fails first (stdout on a
         print(f"  run folder: {self.dir}")  # full disk) leaves no empty folder behind
 
@@ -70,32 +91,31 @@ class Run:
         """How the run ended, recorded: interrupted (Ctrl-C, a signal, a closed output), diverged or failed."""
         if exc_type is None or self.record["status"] == "completed":  # e.g. Ctrl-C while a figure is drawn
             return False
-        if not self.record["history"] and not issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError, Diverged)):
+        stopped = issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError))
+        status = "interrupted" if stopped else "diverged" if exc_type is Diverged else "failed"
+        if status == "failed" and not self.record["history"]:
             with contextlib.suppress(OSError):
                 self.dir.rmdir()  # empty: nothing is written before the first epoch
             return False
-        stopped = issubclass(exc_type, (KeyboardInterrupt, BrokenPipeError))
-        self.record["status"] = "interrupted" if stopped else "diverged" if exc_type is Diverged else "failed"
-        if self.record["status"] == "failed":
+        self.record["status"] = status
+        if status == "failed":
             self.record["error"] = (str(exc).splitlines() or [exc_type.__name__])[0]
         self.save()
         done = len(self.record["history"])
-        print(f"{self.script}: {self.record['status']} after {done} epoch(s); record in {self.dir}", file=sys.stderr)
+        print(f"{self.script}: {status} after {done} epoch(s); record in {self.dir}", file=sys.stderr)
         if done:
             self.draw(self.common.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
         return False
 
     def start_training(self, data, model, evaluated, epochs, views, trained):
         """Record the split sizes and trainable parameters, print them and the epoch table's header, start the clock.
-        `evaluated`: the model whose weights are saved (the weight average, where there is one); `views`: how many
-        test-time views the final evaluation averages; `trained`: {words: whether they apply}, how the training
-        batches differ from an evaluation, for the curves' legend."""
+        `evaluated`: the model whose weights are saved (the weight average, where there is one); `views`: the test-
+        time views the final evaluation averages; `trained`: {words: whether they apply}, for the curves' legend."""
         sizes = {name: len(split[0]) for name, split in data._asdict().items()}
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.record.update(split_sizes=sizes, trainable_params=params)
         self.model, self.epochs, self.views = getattr(evaluated, "module", evaluated), epochs, views
-        images = data.train[0][:30] if data.train[0].dim() == 4 else None  # transfer's are features, not images
-        self.examples = None if images is None else (images.float().cpu(), data.train[1][:30].cpu())
+        self.examples = data.train[0].dim() == 4 and (data.train[0][:30].float().cpu(), data.train[1][:30].cpu())
         # The final evaluation, in epochs: a training image costs about 3 forward passes, each view evaluated 1.
         sample = min(sizes["train"], self.common.TRAIN_SAMPLE)
         self.final_cost = (sample + sizes["val"] + sizes["test"]) * views / (3 * sizes["train"] + sizes["val"])
@@ -125,26 +145,26 @@ class Run:
     def finish(self, final, confusion, figures=()):
         """Record and print the final accuracies and the test confusion matrix, then draw the curves, the confusion
         matrix and `figures` ((plot, file name, *arguments), ...). The weights are the last epoch's, saved then."""
-        final = {**final, "seconds": time.perf_counter() - self.started}
-        rates = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-        per_class = dict(zip(self.common.CLASSES, rates, strict=True))
-        self.record.update(final=final, per_class_test_acc=per_class, test_confusion=confusion.tolist())
+        final, common = {**final, "seconds": time.perf_counter() - self.started}, self.common
+        rates = dict(zip(common.CLASSES, (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(), strict=True))
+        self.record.update(final=final, per_class_test_acc=rates, test_confusion=confusion.tolist(), status="completed")
         if self.unsaved is None:
             self.record["model_pt"] = f"final weights, as evaluated (after epoch {len(self.record['history'])})"
-        self.record["status"] = "completed"
         self.save()
         shown = " ".join(f"{k}={'n/a' if final[k] is None else f'{final[k]:.2%}'}" for k in list(final)[:3])
-        sampled = self.record["split_sizes"]["train"] > self.common.TRAIN_SAMPLE
-        how = (
-            f"train: a sample of {self.common.TRAIN_SAMPLE:,}; " if sampled else ""
-        ) + f"{self.views} view(s) of each image"
-        print(f"{self.script}: {shown} seconds={final['seconds']:.1f} ({how})", flush=True)
-        self.draw(self.common.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
+        sampled = self.record["split_sizes"]["train"] > common.TRAIN_SAMPLE
+        sample = f"train: a sample of {common.TRAIN_SAMPLE:,}; " if sampled else ""
+        print(
+            f"{self.script}: {shown} seconds={final['seconds']:.1f} ({sample}{self.views} view(s) of each image)",
+            flush=True,
+        )
         title = f"{self.script}: test confusion, rows = true class"
-        for plot, name, *arguments in [(self.common.plot_confusion, "confusion.png", confusion, title), *figures]:
+        curves = (common.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
+        figures = [curves, (common.plot_confusion, "confusion.png", confusion, title), *figures]
+        if self.examples and not (self.dir.parent / "training-images.png").exists():  # once beside the run folders
+            figures.append((common.plot_training_images, "../training-images.png", *self.examples))
+        for plot, name, *arguments in figures:
             self.draw(plot, name, *arguments)
-        if self.examples is not None and not (self.dir.parent / "training-images.png").exists():  # once a folder
-            self.draw(self.common.plot_training_images, "../training-images.png", *self.examples)
         if self.unsaved is not None:
             raise UserError(f"{self.unsaved}; the accuracies are recorded in {self.dir / 'metrics.json'}")
 
@@ -156,24 +176,24 @@ class Run:
             print(f"{self.script}: {error}", file=sys.stderr)
 
     def save(self, weights=None):
-        """Write the record, with stops deferred. With `weights` (the words that name them), the model's weights too:
-        renamed into model.pt only once the record naming them is written. Returns why the weights could not be
+        """Write the record, with stops deferred. With `weights` (the words that name them), the model's weights first,
+        aside, renamed into model.pt once the record naming them is written. Returns why the weights could not be
         written (the record then still names the older ones model.pt holds), or None."""
-        record = self.dir / "metrics.json"
         with signals_deferred():
-            if weights is None:
-                return files.atomic_write(record, json.dumps(self.record, indent=2, allow_nan=False).encode())
-            try:
-                staged = files.staged(self.dir / "model.pt", files.tensor_bytes(self.model.state_dict()))
+            try:  # the new weights, written aside
+                aside = weights and files.staged(self.dir / "model.pt", files.tensor_bytes(self.model.state_dict()))
             except UserError as error:  # a full disk: training goes on, so that its accuracies are recorded
                 self.save()
                 return error
-            with staged:  # should the record not be written, model.pt keeps the weights it names
-                named, self.record["model_pt"] = self.record.get("model_pt"), weights
+            with aside or contextlib.nullcontext():  # left aside, and deleted, if the record cannot be written
+                named = {"model_pt": self.record.pop("model_pt")} if "model_pt" in self.record else {}
+                self.record.update({"model_pt": weights} if weights else named)
                 try:
-                    self.save()
+                    record = json.dumps(self.record, indent=2, allow_nan=False).encode()
+                    files.atomic_write(self.dir / "metrics.json", record)
                 except UserError:
-                    self.record["model_pt"] = named
+                    self.record.pop("model_pt", None)
+                    self.record.update(named)  # the weights the record on disk names
                     raise
         return None
 

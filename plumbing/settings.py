@@ -72,9 +72,6 @@ SETTINGS = {
     "IMAGE_SIZE": (pixels, lambda v: v == "auto" or 32 <= v <= 512, "auto or an integer in [32, 512]"),
     "FINETUNE": (bool, anything, "on or off"),
     "EXTRACT_BATCH": (int, lambda v: v >= 1, "an integer >= 1"),
-    "TEACHER": (expand_path, anything, "a cnn.py run folder, or empty"),
-    "TEMPERATURE": (float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
-    "DISTILL_WEIGHT": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
 }
 
 

@@ -6,6 +6,7 @@ MPS gets fp32. The tests whose names end in `_on_cuda` need a real GPU: `benchma
 """
 
 import common
+from plumbing import runs
 
 import json
 
@@ -55,7 +56,7 @@ def test_the_device_asked_for_is_the_one_whose_capability_name_and_memory_are_re
     gpus["cuda:1"] = ((8, 0), "NVIDIA A100-SXM4-40GB", 40)
     assert common.pick_precision("auto", torch.device("cuda:1")) == "bf16"
     assert common.pick_precision("auto", torch.device("cuda:0")) == "fp16"
-    assert common.device_name(torch.device("cuda:1")) == "NVIDIA A100-SXM4-40GB, compute capability 8.0, 40 GiB"
+    assert runs.device_name(torch.device("cuda:1")) == "NVIDIA A100-SXM4-40GB, compute capability 8.0, 40 GiB"
 
 
 def test_bf16_asked_for_on_a_t4_runs_with_a_one_line_warning(gpus, capsys):

@@ -103,7 +103,7 @@ def test_bad_images_are_named_and_the_others_predicted(runs, test_images, tmp_pa
     assert len(out.strip().splitlines()) == 3  # two predictions and the figure
     err = [line for line in err.strip().splitlines() if ": warning: " not in line]  # a 28x28 item fills its frame
     assert len(err) == 4 and "Traceback" not in "".join(err)
-    assert "notes.png: not an image" in err[1] and "cut.jpg: cannot be used" in err[0]
+    assert "notes.png: not an image" in err[1] and "cut.jpg: is cut short" in err[0]
     assert "missing.jpg: no such file" in err[2] and "3 of 5 images could not be used" in err[3]
 
 
