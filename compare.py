@@ -363,7 +363,8 @@ def plot(groups, names, reference, most=20):
         left.plot(values, [row] * len(values), "o", color="tab:blue", alpha=0.6, markersize=6)
         left.plot([statistics.mean(values)], [row], "|", color="black", markersize=18, markeredgewidth=2)
         if reference is None or group is groups[reference]:
-            right.text(0, row, "no verdict" if reference is None else "reference", ha="center", va="center")
+            words = "no verdict" if reference is None else "reference"
+            right.text(0.5, row, words, ha="center", va="center", transform=right.get_yaxis_transform())
             continue
         comparison = compare(group, groups[reference])
         if comparison.half_width is None:
@@ -374,7 +375,7 @@ def plot(groups, names, reference, most=20):
             right.errorbar(comparison.difference, row, xerr=comparison.half_width, fmt="o", color=colour, capsize=4)
     labels = [textwrap.fill(f"{g.name}: {describe(g, names)}, n={len(g.seeds)}", 45) for g in drawn]
     left.set_yticks(range(len(drawn)), labels, fontsize=8)
-    left.invert_yaxis()
+    left.set_ylim(len(drawn) - 0.5, -0.5)  # top to bottom, as in the table, with room around each row
     left.set_xlabel("final validation accuracy (%): dots are seeds, | their mean")
     right.axvline(0, color="black", linewidth=0.8)
     right.set_xlabel(

@@ -134,6 +134,7 @@ def main(argv=None):
     folder = Path(expand_path(hp.run))
     if hp.run.removesuffix(".py") in runs.RECORDED and not folder.is_dir():  # a script's name: its latest run
         folder = runs.latest_run(hp.run.removesuffix(".py"))
+        folder = Path(os.path.relpath(folder)) if not os.path.relpath(folder).startswith("..") else folder
         print(f"run: {shown(folder)}")
     out = Path(hp.out or folder / "predictions.png")  # beside the model, out of the way of the photos
     paths = None if hp.test else input_images(hp.images, out)

@@ -491,3 +491,14 @@ def test_last_takes_the_most_recently_started_runs(tmp_path, capsys):
     lines, _ = compare_out(tmp_path / "runs", capsys, "--script", "cnn", "--last", "1")
     assert [row.split()[1:3] for row in rows(lines).values()] == [["cnn", "1"]]
     assert legend(lines)["B"].startswith("B  cnn; seeds 1")
+
+
+def test_identical_gains_on_two_seeds_say_why_there_is_no_verdict(tmp_path, capsys):
+    """Two seeds with the same gain: no spread to measure the interval from, and a line saying so in words."""
+    records = [fake_record(s, 0.9, val_acc=0.9 + s / 100) for s in (1, 2)]
+    records += [fake_record(s, 0.9, lr=0.2, val_acc=0.905 + s / 100) for s in (1, 2)]
+    write_runs(tmp_path, records)
+    lines, _ = compare_out(tmp_path, capsys)
+    assert "no spread measured" in rows(lines)["B"]
+    assert any(line.startswith("no spread measured: the 95% interval is measured from how") for line in lines)
+    assert "n-1" in "\n".join(lines)

@@ -470,3 +470,44 @@ def test_the_figure_goes_into_the_run_folder_unless_out_says_otherwise(run_copy,
         assert len(probabilities) == 3
     assert (run / "predictions.png").read_bytes()[:4] == b"\x89PNG" and len(list(folder.iterdir())) == 3
     assert capsys.readouterr().out.splitlines()[-1] == f"figure: {run / 'predictions.png'}"
+
+
+def test_a_cnn_prediction_imports_neither_the_other_scripts_nor_torchvision(runs, tmp_path):
+    """A broken torchvision used to end a CNN prediction in a traceback: predict.py imported every script."""
+    code = (
+        "import sys\nimport common, predict\n"
+        f"common.run_main(predict.main, [{str(runs['cnn'])!r}, '--test', '--out', {str(tmp_path / 'p.png')!r}])\n"
+        "print(sorted(m for m in ('torchvision', 'resnet_transfer', 'ann') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stderr
+
+
+def test_a_scripts_name_stands_for_its_latest_completed_run(runs, tmp_path, monkeypatch, capsys):
+    """`python predict.py cnn ...`: the newest completed cnn.py run in runs/, named on the first line."""
+    from plumbing import files
+
+    import shutil
+
+    older, newer = (shutil.copytree(runs["cnn"], tmp_path / "runs" / name) for name in ("cnn-1", "cnn-2"))
+    for folder, started in ((older, "2026-01-01T00:00:00"), (newer, "2026-01-02T00:00:00")):
+        record = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**record, "started": started}))
+    monkeypatch.setattr(files, "HERE", tmp_path)
+    assert common.run_main(predict.main, ["cnn", "--test", "--out", str(tmp_path / "p.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"run: {newer}"
+    monkeypatch.setattr(files, "HERE", tmp_path / "empty")
+    assert common.run_main(predict.main, ["ann", "--test"]) == 2
+    one_line(capsys.readouterr().err.strip().splitlines(), "no completed run of ann.py", "python ann.py")
+
+
+def test_a_record_holding_nan_as_older_records_could_is_read_with_the_loss_missing(run_copy, capsys):
+    """ "test_loss": NaN (records were not strict JSON before 2026-12-02): the run loads; an accuracy of NaN would
+    be damage, a loss of NaN is only a number that is missing."""
+    folder = run_copy("cnn")
+    record = json.loads((folder / "metrics.json").read_text())
+    record["final"]["test_loss"] = float("nan")
+    (folder / "metrics.json").write_text(json.dumps(record))  # json.dumps writes NaN, as the older writer did
+    assert "NaN" in (folder / "metrics.json").read_text()
+    assert common.run_main(predict.main, [str(folder), "--test"]) == 0
+    assert "recorded in the run" in capsys.readouterr().out

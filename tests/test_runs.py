@@ -42,6 +42,7 @@ def test_main_runs_end_to_end_and_writes_the_run_folder(script, extra, real_data
     lines = capsys.readouterr().out.strip().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("epoch train_loss"))
     assert "(train: the batches as trained; val: each image once" in lines[header + 1]
+    assert lines[header - 1].startswith(f"  {record['trainable_params']:,} trainable parameters; 1,000 training")
     views = 10 if script is cnn else 2  # each image and its mirror; the CNN's, each shifted four ways too
     assert re.fullmatch(rf"{script.__name__}: train_acc=.* test_acc=.* \({views} view\(s\) of each image\)", lines[-1])
 
