@@ -67,7 +67,7 @@ def run_script(name, argv, out_dir):
 
 def machine():
     return {
-        "cpu": runs.device_name(torch.device("cpu")),
+        "cpu": runs.device_name(torch.device("cpu")).rsplit(",", 1)[0],  # the model, without its threads
         "threads": torch.get_num_threads(),
         "cpu_bf16": common.has_fast("bf16", torch.device("cpu")),  # decides PRECISION = "auto" on the CPU
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

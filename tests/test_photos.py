@@ -4,6 +4,7 @@ import common
 from plumbing import runs
 
 import io
+import json
 import sys
 
 import numpy as np
@@ -195,6 +196,16 @@ def test_the_photos_benchmark_writes_its_table(run, tmp_path):
     assert all(0 <= scores["agreement"] <= 100 for scores in results["conditions"].values())
     table = (tmp_path / "photos.md").read_text()
     assert "| clean |" in table and "| noise 10 |" in table and (tmp_path / "photos.json").exists()
+
+
+def test_the_not_clothing_benchmark_sets_its_thresholds_on_test_photos_and_writes_its_table(run, tmp_path):
+    import not_clothing
+
+    not_clothing.main(["--run", str(run), "--images", "50", "--per-kind", "2", "--results", str(tmp_path)])
+    result = json.loads((tmp_path / "not-clothing.json").read_text())
+    assert set(result["rows"]) == {"test items as photos", *not_clothing.KINDS, "all that is not clothing"}
+    assert all(row["top probability"] <= 0.04 for name, row in result["rows"].items() if name.startswith("test"))
+    assert "| cup |" in (tmp_path / "not-clothing.md").read_text()
 
 
 def test_the_photos_benchmark_refuses_a_bad_setting_in_one_line(tmp_path, capsys):
