@@ -31,6 +31,17 @@ import predict
 import resnet_transfer as rt
 from conftest import ROOT, SMALL, TINY_RT, one_line, run_cli
 
+
+def first_epoch_recorded(out, timeout=120):
+    """Wait until a run writing into `out` has recorded its first epoch (its weights are then on disk too)."""
+    deadline, record = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline and not record.get("history"):
+        time.sleep(0.01)
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            record = json.loads(next(out.glob("*/metrics.json")).read_text())
+    return record
+
+
 # ----------------------------------------------------------------------------------------------
 # Stopping keeps the work
 
@@ -541,11 +552,7 @@ def test_final_weights_the_disk_refused_are_said_wherever_the_run_is_used(real_d
     out = tmp_path / "runs"
     argv = [sys.executable, "cnn.py", "--subset", "6000", "--val-size", "1000", "--epochs", "4", "--out-dir", str(out)]
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline, record = time.monotonic() + 120, {}
-    while time.monotonic() < deadline and not record.get("history"):
-        time.sleep(0.02)
-        with contextlib.suppress(OSError, ValueError, StopIteration):
-            record = json.loads(next(out.glob("*/metrics.json")).read_text())
+    first_epoch_recorded(out)
     resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (200_000, 200_000))  # model.pt takes 1.7 MB
     _, err = process.communicate(timeout=300)
     record = json.loads(next(out.glob("*/metrics.json")).read_text())
@@ -609,11 +616,7 @@ def test_nohup_keeps_a_run_going_through_a_hangup(real_data_dir, tmp_path):
     out = tmp_path / "runs"
     argv = ["nohup", sys.executable, "ann.py", *SMALL, "--epochs", "30", "--out-dir", str(out)]
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, record = time.monotonic() + 120, {}
-    while time.monotonic() < deadline and not record.get("history"):
-        time.sleep(0.05)
-        with contextlib.suppress(OSError, ValueError, StopIteration):
-            record = json.loads(next(out.glob("*/metrics.json")).read_text())
+    first_epoch_recorded(out)
     process.send_signal(signal.SIGHUP)  # as a logout sends it
     assert process.wait(timeout=120) == 0
     assert json.loads(next(out.glob("*/metrics.json")).read_text())["status"] == "completed"
@@ -666,11 +669,7 @@ def test_a_full_disk_between_the_weights_and_the_record_keeps_them_agreeing(real
     out = small_disk / "runs"
     argv = [sys.executable, "cnn.py", "--subset", "6000", "--val-size", "1000", "--epochs", "4", "--out-dir", str(out)]
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline, record = time.monotonic() + 120, {}
-    while time.monotonic() < deadline and not record.get("history"):
-        time.sleep(0.01)
-        with contextlib.suppress(OSError, ValueError, StopIteration):
-            record = json.loads(next(out.glob("*/metrics.json")).read_text())
+    first_epoch_recorded(out)
     process.send_signal(signal.SIGSTOP)
     weights = next(out.glob("*/model.pt"))
     epoch_1 = weights.read_bytes()
