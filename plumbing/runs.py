@@ -327,8 +327,9 @@ def latest_run(script, out_dir=""):
     for folder in sorted(runs_folder(out_dir).glob(f"{script}-*")):
         with contextlib.suppress(UserError, OSError):
             record = read_record(folder / "metrics.json")
-            if record.get("status") == "completed" and (newest is None or record["started"] >= newest[0]):
-                newest = record["started"], folder
+            started = record.get("started") or ""  # a hand-made record may lack it: then it counts as oldest
+            if record.get("status") == "completed" and (newest is None or started >= newest[0]):
+                newest = started, folder
     if newest is None:
         raise UserError(f"no completed run of {script}.py in {runs_folder(out_dir)}: train one with python {script}.py")
     return newest[1]
