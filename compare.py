@@ -60,7 +60,7 @@ def load_runs(out_dir):
             print(f"warning: skipping {folder.name}: {reason}", file=sys.stderr)
             continue
         found.append((folder, record))
-    return sorted(found, key=lambda run: run[1].get("started", ""))
+    return sorted(found, key=lambda run: run[1].get("started") or "")
 
 
 is_number = runs.is_number
@@ -82,6 +82,8 @@ def group_key(record):
     settings = {k: v for k, v in record["hparams"].items() if k not in NOT_COMPARED}
     # A seed gives the same numbers only on the same hardware in the same precision: pair only those.
     settings.update(device=record.get("device_name"), precision=record.get("precision"))
+    if isinstance(record.get("image_size"), int):  # IMAGE_SIZE "auto" gives way to the size that ran, as above
+        settings["IMAGE_SIZE"] = record["image_size"]
     return record.get("script") or "?", json.dumps(settings, sort_keys=True)
 
 

@@ -322,7 +322,9 @@ def find_item(colours, frame=None):
     cut_off = "the item reaches all four edges"
     if frame is None and (top, bottom, left, right) != whole and (box is None or problem and cut_off in problem):
         again = find_item(colours, whole)  # the "bars" may be the background around an item that fills the photo
-        if again.box is not None and cut_off not in (again.problem or ""):
+        # Letterbox or pillarbox bars (two sides) stay bars; bands on all four sides may be margins round an item.
+        bars = (top, bottom, left, right) != whole and min(top, left, whole[1] - bottom, whole[3] - right) == 0
+        if again.box is not None and cut_off not in (again.problem or "") and not bars:
             return again
     angle = tilt(contrast) if box else 0.0
     # The item is cut out by its colours' distance from the pattern's only where these are distinct: a carpet's

@@ -185,16 +185,19 @@ class Run:
             except UserError as error:  # a full disk: training goes on, so that its accuracies are recorded
                 self.save()
                 return error
-            with aside or contextlib.nullcontext():  # left aside, and deleted, if the record cannot be written
-                named = {"model_pt": self.record.pop("model_pt")} if "model_pt" in self.record else {}
-                self.record.update({"model_pt": weights} if weights else named)
-                try:
+            named = {"model_pt": self.record.pop("model_pt")} if "model_pt" in self.record else {}
+            try:
+                with aside or contextlib.nullcontext():  # left aside, and deleted, if the record cannot be written
+                    self.record.update({"model_pt": weights} if weights else named)
                     record = json.dumps(self.record, indent=2, allow_nan=False).encode()
                     files.atomic_write(self.dir / "metrics.json", record)
-                except UserError:
-                    self.record.pop("model_pt", None)
-                    self.record.update(named)  # the weights the record on disk names
+            except UserError as error:
+                self.record.pop("model_pt", None)
+                self.record.update(named)  # the weights model.pt still holds
+                if not weights or not (self.dir / "metrics.json").exists():
                     raise
+                self.save()  # the record was written but the weights could not be put in place: it names them again
+                return error
         return None
 
 

@@ -69,7 +69,11 @@ SETTINGS = {
     "SHOW": (bool, anything, "on or off"),
     "BACKBONE": (str, lambda v: v in ("resnet18", "resnet34", "resnet50"), "resnet18, resnet34 or resnet50"),
     "WEIGHTS": (expand_path, is_weights, "DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2, none, or a state-dict file"),
-    "IMAGE_SIZE": (pixels, lambda v: v == "auto" or 32 <= v <= 512, "auto or an integer in [32, 512]"),
+    "IMAGE_SIZE": (
+        pixels,
+        lambda v: v == "auto" or type(v) is int and 32 <= v <= 512,
+        "auto or an integer in [32, 512]",
+    ),
     "FINETUNE": (bool, anything, "on or off"),
     "EXTRACT_BATCH": (int, lambda v: v >= 1, "an integer >= 1"),
 }

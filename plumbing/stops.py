@@ -72,9 +72,10 @@ class signals_deferred:
     depth = 0
 
     def __enter__(self):
-        self.received, signals_deferred.depth = [], signals_deferred.depth + 1
-        if signals_deferred.depth == 1:
+        self.received = []
+        if signals_deferred.depth == 0:  # counted once installed: a failed install leaves nothing deferred
             self.previous = handle({s: lambda signum, frame: self.received.append(signum) for s in HANDLED})
+        signals_deferred.depth += 1
 
     def __exit__(self, *exc):
         signals_deferred.depth -= 1

@@ -230,6 +230,9 @@ def test_an_item_filling_most_of_a_plain_photo_is_the_item_not_bars_around_nothi
     folded[35:265, 50:350] = (30, 35, 70)
     prepared, warning = photos.prepare(Image.fromarray(folded))
     assert warning is None and (prepared > 128).mean() > 0.6
+    letterboxed = np.full((300, 400, 3), 235, np.uint8)
+    letterboxed[:40] = letterboxed[260:] = 0  # real bars round nothing: still blank
+    assert "blank" in photos.prepare(Image.fromarray(letterboxed))[1]
     for image in test_images[:10, 0].numpy():
         prepared, warning = photos.prepare(Image.fromarray(image).resize((280, 280), Image.Resampling.NEAREST))
         assert warning is None and close(prepared, image) > 0.7
