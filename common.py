@@ -4,7 +4,8 @@ The device and precision, the data, augmentation, the learning-rate schedule and
 the running tally of an epoch, evaluation, and the figures a run shows. Models, optimizers, recipes, the training
 step and the test evaluation are what a reader came to see, so they live in the scripts. What keeps a run safe
 (checked settings, verified files, the run folder written atomically, clean stops) is the machinery in plumbing/:
-the scripts call it by the four names imported from it below, and never need to open it.
+the scripts reach it only through the names common.py takes from it below (Run, parse_hparams, run_main,
+find_fashion_mnist), and never need to open it.
 """
 
 from plumbing import stops  # noqa: F401  first: from here on, a Ctrl-C or a stop ends the program in one line

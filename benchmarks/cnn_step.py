@@ -1,6 +1,6 @@
 """Throughput of cnn.py's training step (forward, backward, fused SGD step) in a few layouts and formulations,
 side by side on one machine, and its FLOP rate against a 2048x2048 matmul of the same precision; then the
-evaluation's (common.predict, no test-time views) in chunks of 2048 and 256 images.
+evaluation's (common.compute_logits, no test-time views) in chunks of 2048 and 256 images.
 
     python benchmarks/cnn_step.py                 # 30 timed steps per variant, 3 alternating repeats, medians
     python benchmarks/cnn_step.py --steps 2 --repeats 1    # smoke run for the test suite
@@ -73,7 +73,7 @@ def images_per_second(batch, layout, amax, conv1_trained, steps, dtype):
 
 
 def evaluated_per_second(chunk, images, dtype):
-    """Images a second through common.predict (evaluation mode, inference_mode), `chunk` per forward pass."""
+    """Images a second through common.compute_logits (evaluation mode, inference_mode), `chunk` per forward pass."""
     model = cnn.CNN(cnn.FC_WIDTH, cnn.DROPOUT).to(memory_format=torch.channels_last).eval()
     x = torch.randn(images, 1, 28, 28)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
