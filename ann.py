@@ -84,7 +84,9 @@ def main(argv=None):
         data, normalization = common.to_device_normalized(splits, device)
         run.record.update(data_dir=str(data_dir), normalization=normalization)
 
-        model = ANN(hp.dropout).to(device)
+        model_args = dict(dropout=hp.dropout)  # recorded: predict.py rebuilds the model from them
+        model = ANN(**model_args).to(device)
+        run.record["model_args"] = model_args
         # fused: one kernel updates every parameter, 3x faster steps than the default on a CPU
         optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
         steps = hp.epochs * common.steps_per_epoch(len(data.train[0]), hp.batch_size)
@@ -119,8 +121,7 @@ def main(argv=None):
         test_logits = common.compute_logits(evaluated, data.test[0], amp, hp.tta_flip)
         test_loss, test_acc = common.scores(test_logits, data.test[1])
         final = dict(train_acc=train_acc, val_acc=val_acc, test_acc=test_acc, test_loss=test_loss)
-        mistakes = (common.plot_misclassified, "misclassified.png", splits.test[0], splits.test[1], test_logits.cpu())
-        run.finish(final, common.confusion_matrix(test_logits, data.test[1]), [mistakes])
+        run.finish(final, test_logits, *splits.test)  # recorded and printed, then the figures drawn
     if hp.show:
         common.show_plots(run.dir)
     return run.record["final"]

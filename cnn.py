@@ -113,7 +113,9 @@ def main(argv=None):
         run.record.update(data_dir=str(data_dir), normalization=normalization)
 
         # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their fastest convolution kernels.
-        model = CNN(hp.fc_width, hp.dropout).to(device, memory_format=torch.channels_last)
+        model_args = dict(fc_width=hp.fc_width, dropout=hp.dropout)  # recorded: predict.py rebuilds the model from them
+        model = CNN(**model_args).to(device, memory_format=torch.channels_last)
+        run.record["model_args"] = model_args
         if hp.fixed_conv1:  # its gradient is never computed: a quicker step (RESULTS.md measures what it costs)
             model.features[0].weight.requires_grad_(False).copy_(pattern_filters(data.train[0], hp.seed))
         optimizer = torch.optim.SGD(
@@ -156,8 +158,7 @@ def main(argv=None):
         test_logits = common.compute_logits(evaluated, data.test[0], amp, hp.tta_flip, hp.tta_shift)
         test_loss, test_acc = common.scores(test_logits, data.test[1])
         final = dict(train_acc=train_acc, val_acc=val_acc, test_acc=test_acc, test_loss=test_loss)
-        mistakes = (common.plot_misclassified, "misclassified.png", splits.test[0], splits.test[1], test_logits.cpu())
-        run.finish(final, common.confusion_matrix(test_logits, data.test[1]), [mistakes])
+        run.finish(final, test_logits, *splits.test)  # recorded and printed, then the figures drawn
     if hp.show:
         common.show_plots(run.dir)
     return run.record["final"]

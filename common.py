@@ -1,32 +1,25 @@
-"""The toolbox that ann.py, cnn.py and resnet_transfer.py share about training, in the order a run uses it.
-
-The device and precision, the data, augmentation, the learning-rate schedule and the weight average, batches and
-the running tally of an epoch, evaluation, and the figures a run shows. Models, optimizers, recipes, the training
-step and the test evaluation are what a reader came to see, so they live in the scripts. What keeps a run safe
-(checked settings, verified files, the run folder written atomically, clean stops) is the machinery in plumbing/:
-the scripts reach it only through the names common.py takes from it below (Run, parse_hparams, run_main,
-find_fashion_mnist), and never need to open it.
+"""What ann.py, cnn.py and resnet_transfer.py share about training, in the order a run uses it: the device and
+precision, the data, augmentation, the learning-rate schedule and the weight average, batches and the running tally
+of an epoch, and evaluation. The models, optimizers, the step and the test evaluation are what a reader came to see:
+they live in the scripts. What keeps a run safe (checked settings, verified files, the run folder and its figures,
+clean stops) is the machinery in plumbing/, which the scripts reach through the names imported below.
 """
 
 from plumbing import stops  # noqa: F401  first: from here on, a Ctrl-C or a stop ends the program in one line
-from plumbing.data import FILES, find_fashion_mnist, find_file, read_idx
-from plumbing.runs import Run  # noqa: F401  (for the scripts: the run folder, its record and weights)
-from plumbing.settings import check_device, parse_hparams  # noqa: F401  (parse_hparams: for the scripts)
-from plumbing.stops import Diverged, UserError, run_main  # noqa: F401  (run_main: for the scripts)
+from plumbing.data import CLASSES, find_fashion_mnist, load_fashion_mnist, read_fashion_mnist  # noqa: F401
+from plumbing.figures import show_plots  # noqa: F401
+from plumbing.runs import TRAIN_SAMPLE, Run  # noqa: F401  (the run folder: its record, weights and figures)
+from plumbing.settings import check_device, has_fast, parse_hparams  # noqa: F401
+from plumbing.stops import Diverged, UserError, run_main  # noqa: F401
 
 import collections
 import copy
 import math
-import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-
 
 # ----------------------------------------------------------------------------------------------
 # Device and precision: each script's main() picks them in three lines.
@@ -44,18 +37,6 @@ def pick_device(name):
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     return torch.device(name)
-
-
-def has_fast(dtype, device):
-    """Whether the device has units that compute in this 16-bit type at full speed (elsewhere it is emulated).
-
-    CUDA: bf16 from compute capability 8.0 (Ampere) on, fp16 tensor cores from 7.0 (Volta, Turing: the T4).
-    torch.cuda.is_bf16_supported() is no guide: it also answers True where bf16 is only emulated.
-    CPU: bf16 with AVX-512-BF16 or AMX, fp16 with AMX-FP16. MPS: not verified here, so neither."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= (8 if dtype == "bf16" else 7)
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == "bf16" else ("_is_amx_fp16_supported",)
-    return device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def pick_precision(name, device):
@@ -94,19 +75,6 @@ def autocast(device, precision):
 
 
 Splits = collections.namedtuple("Splits", ["train", "val", "test"])  # (images, labels) of each split
-
-
-def load_fashion_mnist(data_dir=None):
-    """(x_train, y_train, x_test, y_test) from the folder `find_fashion_mnist(data_dir)` finds."""
-    return read_fashion_mnist(find_fashion_mnist(data_dir))
-
-
-def read_fashion_mnist(folder):
-    """(x_train, y_train, x_test, y_test) from a folder that holds the four files: uint8 images (N, 1, 28, 28)
-    and int64 labels, verified. The folder is printed."""
-    print(f"  data: {folder}", flush=True)
-    x_train, y_train, x_test, y_test = (read_idx(find_file(folder, name), name) for name in FILES)
-    return x_train.unsqueeze(1), y_train.long(), x_test.unsqueeze(1), y_test.long()
 
 
 def take_subset(n, *arrays):
@@ -271,8 +239,6 @@ class Tally:
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
-TRAIN_SAMPLE = 10_000  # training images the final train accuracy is measured on: all 55,000 cost a third of an epoch
-
 
 def tta_views(x, flip=False, max_shift=0, background=None):
     """The views that test-time augmentation averages over: x itself; x shifted by 1..max_shift pixels
@@ -317,110 +283,3 @@ def scores(logits, labels):
     if not math.isfinite(loss):
         raise Diverged("in evaluation: the model's outputs overflowed")
     return loss, (logits.argmax(1) == labels).float().mean().item()
-
-
-def confusion_matrix(logits, labels):
-    """10x10 counts on the CPU: rows are the true classes, columns the predicted ones."""
-    confusion = torch.zeros(10, 10, dtype=torch.long, device=labels.device)
-    confusion.index_put_((labels, logits.argmax(1)), torch.ones_like(labels), accumulate=True)
-    return confusion.cpu()
-
-
-# ----------------------------------------------------------------------------------------------
-# The figures a run shows: each plot returns a matplotlib Figure (the Agg canvas: it never blocks and needs no display).
-
-
-def plot_curves(history, labels, title):
-    """Loss and accuracy per epoch: the training batches as they were trained, beside the validation evaluation.
-    `labels` are (training batches, validation), from what the run did."""
-    from matplotlib.figure import Figure
-
-    epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(10, 4.6), dpi=100)
-    for i, (key, label, scale) in enumerate((("loss", "cross-entropy loss", 1), ("acc", "accuracy (%)", 100))):
-        ax = fig.add_subplot(1, 2, i + 1)
-        ax.plot(epochs, [scale * h[f"train_batch_{key}"] for h in history], "o-", markersize=3, label=labels[0])
-        if history[0][f"val_{key}"] is not None:
-            ax.plot(epochs, [scale * h[f"val_{key}"] for h in history], "o-", markersize=3, label=labels[1])
-        ax.set(xlabel="epoch", ylabel=label)
-        ax.grid(alpha=0.3)
-        epoch_axis(ax, epochs[-1])
-    fig.suptitle(title)
-    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)  # below
-    fig.tight_layout(rect=(0, 0.08, 1, 1))  # the plots, above the legend: it covers no point
-    return fig
-
-
-def epoch_axis(ax, last):
-    """An x axis of whole epochs: 1 to `last`, with a little room either side (one epoch is no range of 0.96-1.04)."""
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set_xlim(0.5, last + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-
-
-def plot_confusion(confusion, title):
-    """The confusion matrix normalised per true class (rows sum to 1), with per-class accuracy."""
-    from matplotlib.figure import Figure
-
-    rates = (confusion / confusion.sum(1, keepdim=True).clamp(min=1)).numpy()
-    fig = Figure(figsize=(9, 8), dpi=100)
-    ax = fig.add_subplot()
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), rate in np.ndenumerate(rates):
-        if rate >= 0.005:
-            ax.text(j, i, f"{rate:.2f}", ha="center", va="center", fontsize=8, color="white" if rate > 0.5 else "black")
-    ax.set_xticks(range(10), CLASSES, rotation=45, ha="right")
-    ax.set_yticks(range(10), [f"{name} ({rates[i, i]:.1%})" for i, name in enumerate(CLASSES)])
-    ax.set(xlabel="predicted class", ylabel="true class (per-class accuracy)", title=title)
-    fig.tight_layout()
-    return fig
-
-
-def plot_training_images(images, labels):
-    """The first training images with their labels, as the model sees them (light item on black)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 7.5), dpi=100)
-    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
-        ax = fig.add_subplot(5, 6, k + 1)
-        ax.imshow(image.mean(0).numpy(), cmap="gray")
-        ax.set_title(CLASSES[label], fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"the first {len(images)} training images and their labels")
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, wspace=0.15, hspace=0.4)
-    return fig
-
-
-def plot_misclassified(images, labels, logits, count=24):
-    """A grid of the test images the model was most confident about and got wrong."""
-    from matplotlib.figure import Figure
-
-    probabilities = logits.softmax(1)
-    confidence, predicted = probabilities.max(1)
-    wrong = (predicted != labels).nonzero().flatten()
-    wrong = wrong[confidence[wrong].argsort(descending=True)][:count]
-    fig = Figure(figsize=(12, 9), dpi=100)
-    for k, i in enumerate(wrong.tolist()):
-        ax = fig.add_subplot(4, 6, k + 1)
-        # Light on black over the full 0-255 range: as the model sees it, and as predict.py's figure shows it.
-        ax.imshow(images[i].float().mean(0).numpy(), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predicted[i]]} ({confidence[i]:.0%})", fontsize=8)
-        ax.axis("off")
-    fig.suptitle(f"{len(wrong)} most confident mistakes of {int((predicted != labels).sum())}")
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, wspace=0.15, hspace=0.55)  # titles clear of images
-    return fig
-
-
-def show_plots(folder):
-    """Open the run's figures in windows and wait until they are closed; without a display, say where they are."""
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        print(f"--show: no display here; the plots are in {folder}", file=sys.stderr)
-        return
-    import matplotlib.pyplot as plt
-
-    for path in sorted(folder.glob("*.png")):
-        plt.figure(path.name, figsize=(10, 7))
-        plt.imshow(plt.imread(path))
-        plt.axis("off")
-    plt.show()

@@ -3,7 +3,7 @@
     python predict.py cnn my_shirt.jpg photos/                   # the latest cnn.py run: top three classes of each
     python predict.py runs/cnn-20261125-120000 --test            # that run's test accuracy, recomputed
 
-The model is rebuilt exactly from the run folder (plumbing/runs.py): the script and settings from metrics.json, the
+The model is rebuilt exactly from the run folder: its script's model class with the model_args in metrics.json, the
 weights from model.pt (loaded with weights_only=True: nothing is unpickled), the normalisation the run trained with,
 and the same test-time augmentation and precision as the run's test evaluation. Photos are prepared the way
 Fashion-MNIST itself was made (photo_prep.py): grey, the background subtracted and trimmed, the longest edge resized
@@ -17,6 +17,7 @@ import common
 from plumbing import files, runs
 from plumbing.settings import expand_path
 
+import importlib
 import os
 import re
 import sys
@@ -125,6 +126,84 @@ def same_file(a, b):
         return False
 
 
+# ----------------------------------------------------------------------------------------------
+# The model rebuilt from its run folder, as nanoGPT's sample.py rebuilds GPT from its checkpoint's model_args.
+
+MODELS = {"ann": "ANN", "cnn": "CNN", "resnet_transfer": "Head"}  # the class of each script's model
+OLDER_ARGS = {  # runs from before records kept model_args: the same arguments, from their settings
+    "ann": lambda hp, script: dict(dropout=hp.dropout),
+    "cnn": lambda hp, script: dict(fc_width=hp.fc_width, dropout=hp.dropout),
+    "resnet_transfer": lambda hp, script: dict(in_features=script.FEATURES[hp.backbone], dropout=hp.dropout),
+}
+
+
+def rebuilt(run, device, precision):
+    """A function from uint8 images (N, 1, 28, 28) to logits: the run's model with its weights, and the preparation
+    its inputs had (its normalisation, or the frozen backbone of a transfer run), computed in `precision` ("": the
+    one the run was evaluated in). Only the run's own script is imported. Outputs that are not numbers are refused."""
+    script, hp = importlib.import_module(run.script), run.settings
+    amp = common.autocast(device, common.pick_precision(precision or run.precision, device))
+    args = run.model_args or OLDER_ARGS[run.script](hp, script)
+    with torch.device("meta"):  # shapes without memory: model.pt is checked against them before anything is loaded
+        try:
+            model = getattr(script, MODELS[run.script])(**args)
+        except TypeError:
+            raise common.UserError(f"{run.folder}/metrics.json: its model_args {args} do not fit the model") from None
+    if run.script != "resnet_transfer":
+        norm = normalization(run)
+        model = runs.load_weights(model, run, run.script, device)
+        tta = (hp.tta_flip, getattr(hp, "tta_shift", 0))
+        return lambda x: finite(common.compute_logits(model, (x.float() - norm["mean"]) / norm["std"], amp, *tta), run)
+    torch.manual_seed(hp.seed)  # a random backbone (--weights none) is rebuilt from the run's seed
+    backbone, weights_id, image_mean, image_std = script.load_backbone(hp.backbone, hp.weights, hp.seed)
+    if weights_id != run.record.get("weights"):
+        raise common.UserError(f"{run.folder}: the backbone weights now at {hp.weights} are not the ones the run used")
+    image_size = run.record.get("image_size", hp.image_size)  # the size that ran (IMAGE_SIZE may say "auto")
+    if type(image_size) is not int or not 32 <= image_size <= 512:
+        raise common.UserError(f"{run.folder}/metrics.json: its image_size {image_size!r} is damaged (32 to 512 px)")
+    preprocess = script.Preprocess(image_size, image_mean, image_std)
+    if hp.finetune:  # model.pt holds the whole fine-tuned model: backbone (with its trained layer4) and head
+        finetuned = script.FineTuned(preprocess, backbone, model)
+        finetuned = runs.load_weights(finetuned, run, "resnet_transfer.py --finetune", device)
+        return lambda x: finite(common.compute_logits(finetuned, x, amp, chunk=hp.batch_size), run)  # training's memory
+    head = runs.load_weights(model, run, "resnet_transfer.py head", device)
+    backbone, preprocess = backbone.to(device, memory_format=torch.channels_last), preprocess.to(device)
+    features = lambda x: script.extract_features(preprocess, backbone, x, device, amp, hp.extract_batch)  # noqa: E731
+    return lambda x: finite(common.compute_logits(head, features(x), amp, chunk=hp.batch_size), run)
+
+
+def load(folder, device, precision=""):
+    """The run in `folder` (runs.load_run) with `logits`: uint8 images (N, 1, 28, 28) -> its model's logits."""
+    run = runs.load_run(folder)
+    run.logits = rebuilt(run, device, precision)
+    return run
+
+
+def finite(logits, run):
+    """The logits, unless some are NaN or infinite: then no answer is better than a made-up one."""
+    if not torch.isfinite(logits).all():
+        raise common.UserError(
+            f"{run.folder}: the model's outputs are NaN or infinite; its model.pt or the normalisation in its "
+            "metrics.json is damaged: train it again"
+        )
+    return logits
+
+
+def normalization(run):
+    """The {"mean", "std"} the run normalised its images with, refused in one line if missing or damaged."""
+    norm = run.record.get("normalization")
+    if not isinstance(norm, dict) or "mean" not in norm or "std" not in norm:
+        raise common.UserError(f"{run.folder}: made before runs recorded their normalisation (or damaged); train again")
+    for key in ("mean", "std"):
+        value = norm[key]
+        if not runs.is_number(value) or key == "std" and value <= 0:
+            raise common.UserError(
+                f"{run.folder}/metrics.json: its normalisation is damaged (normalization.{key} = {value!r}; "
+                f"it must be a finite number{' > 0' if key == 'std' else ''})"
+            )
+    return norm
+
+
 def main(argv=None):
     positionals = [
         ("run", {"help": "a run folder, or ann, cnn or resnet_transfer for that script's latest completed run"}),
@@ -138,7 +217,7 @@ def main(argv=None):
         print(f"run: {shown(folder)}")
     out = Path(hp.out or folder / "predictions.png")  # beside the model, out of the way of the photos
     paths = None if hp.test else input_images(hp.images, out)
-    run = runs.load_run(folder, common.pick_device(hp.device), hp.precision)
+    run = load(folder, common.pick_device(hp.device), hp.precision)
     if hp.test:
         subset = run.settings.subset
         _, _, x_test, y_test = common.take_subset(subset, *common.load_fashion_mnist(hp.data_dir or None))

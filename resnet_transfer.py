@@ -230,7 +230,11 @@ def main(argv=None):
         run.record.update(backbone=hp.backbone, weights=weights_id, image_size=image_size)  # what ran
         backbone = backbone.to(device, memory_format=torch.channels_last)
         preprocess = Preprocess(image_size, mean, std).to(device)
-        head = Head(FEATURES[hp.backbone], hp.dropout).to(device)
+        model_args = dict(
+            in_features=FEATURES[hp.backbone], dropout=hp.dropout
+        )  # predict.py rebuilds the head from them
+        head = Head(**model_args).to(device)
+        run.record["model_args"] = model_args
         data_dir = common.find_fashion_mnist(hp.data_dir)
         x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.read_fashion_mnist(data_dir))
         run.record["data_dir"] = str(data_dir)
@@ -279,8 +283,7 @@ def main(argv=None):
         test_logits = common.compute_logits(model, data.test[0], amp, chunk=hp.batch_size)
         test_loss, test_acc = common.scores(test_logits, data.test[1])
         final = dict(train_acc=train_acc, val_acc=val_acc, test_acc=test_acc, test_loss=test_loss)
-        mistakes = (common.plot_misclassified, "misclassified.png", x_test, y_test, test_logits.cpu())
-        run.finish(final, common.confusion_matrix(test_logits, data.test[1]), [mistakes])
+        run.finish(final, test_logits, x_test, y_test)  # recorded and printed, then the figures drawn
     if hp.show:
         common.show_plots(run.dir)
     return run.record["final"]

@@ -23,13 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-from plumbing import files, runs  # noqa: E402
+from plumbing import files  # noqa: E402
 
 import torch  # noqa: E402
 from accuracy import machine, measured_on  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import compare  # noqa: E402
+import predict  # noqa: E402
 from photo_prep import prepare_photo  # noqa: E402
 
 FOOTWEAR = [5, 7, 9]  # sandal, sneaker, ankle boot
@@ -54,7 +55,7 @@ def as_photos(images):
 
 def accuracies(folder, x, photos, y, device):
     """{column: accuracy in %} of one run's model."""
-    run = runs.load_run(folder, device)
+    run = predict.load(folder, device)
     model = run.logits
     foot = torch.isin(y, torch.tensor(FOOTWEAR))
     scores = {}

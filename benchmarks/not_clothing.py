@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-from plumbing import files, runs  # noqa: E402
+from plumbing import files  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -28,6 +28,7 @@ from accuracy import machine, measured_on  # noqa: E402
 from photos import photo  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
+import predict  # noqa: E402
 from photo_prep import prepare  # noqa: E402
 
 
@@ -104,7 +105,7 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "latest")
     args = parser.parse_args(argv)
     files.writable_folder(args.results, "--results")
-    run = runs.load_run(args.run, torch.device("cpu"))
+    run = predict.load(args.run, torch.device("cpu"))
     rng = np.random.default_rng(31)
     _, _, x, _ = common.load_fashion_mnist()
     clothes = [prepare(photo(x[i, 0].numpy(), rng)) for i in range(args.images)]

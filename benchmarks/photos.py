@@ -27,13 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-from plumbing import files, runs  # noqa: E402
+from plumbing import files  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accuracy import machine, measured_on  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
+import predict  # noqa: E402
 from photo_prep import prepare  # noqa: E402
 
 SEED = 27  # the photos are the same on every run of the benchmark
@@ -289,7 +290,7 @@ def main(argv=None):
         raise common.UserError(f"--images {args.images}: use a number from 1 to 10000")
     files.writable_folder(args.results, "--results")  # checked now, not after the measurements
     device = common.pick_device(args.device)
-    model = runs.load_run(args.run, device).logits
+    model = predict.load(args.run, device).logits
     _, _, x, y = common.load_fashion_mnist()
     x, y = x[: args.images], y[: args.images]
     conditions, original = measure(lambda images: model(images.to(device)).cpu(), x, y)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-from plumbing import files  # noqa: E402
+from plumbing import data, files  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -57,8 +57,8 @@ def torchvision_root(tmp):
     folder = common.find_fashion_mnist()
     raw = Path(tmp) / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in common.FILES:
-        source = common.find_file(folder, name)
+    for name in data.FILES:
+        source = data.find_file(folder, name)
         with (gzip.open if source.suffix == ".gz" else open)(source, "rb") as src, open(raw / name, "wb") as dst:
             shutil.copyfileobj(src, dst)
     return tmp

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-from plumbing import files  # noqa: E402
+from plumbing import files, runs  # noqa: E402
 
 import standin  # noqa: E402
 import torch  # noqa: E402
@@ -56,7 +56,7 @@ def main(argv=None):
     if args.quick:
         args.sizes, args.timing_images = [32], 16
     device = common.pick_device(args.device)
-    results = {"machine": machine(), "device": common.device_name(device), "quick": args.quick}
+    results = {"machine": machine(), "device": runs.device_name(device), "quick": args.quick}
     results.update(seeds=args.seeds, flags=" ".join(passed_on), accuracy={}, timing={})
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"

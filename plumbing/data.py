@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # Each file's size and SHA-256, decompressed (a 16- or 8-byte header, then 28x28 images or labels): the official .gz
@@ -136,3 +137,16 @@ def _read_verified(path, name, identity):
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(data_dir=None):
+    """(x_train, y_train, x_test, y_test) from the folder `find_fashion_mnist(data_dir)` finds."""
+    return read_fashion_mnist(find_fashion_mnist(data_dir))
+
+
+def read_fashion_mnist(folder):
+    """(x_train, y_train, x_test, y_test) from a folder that holds the four files: uint8 images (N, 1, 28, 28)
+    and int64 labels, verified. The folder is printed."""
+    print(f"  data: {folder}", flush=True)
+    x_train, y_train, x_test, y_test = (read_idx(find_file(folder, name), name) for name in FILES)
+    return x_train.unsqueeze(1), y_train.long(), x_test.unsqueeze(1), y_test.long()

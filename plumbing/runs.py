@@ -2,8 +2,8 @@
 (the weights) and the figures. Run writes it as a script trains; read_record and load_run read it back, for
 predict.py and compare.py alike. docs/run-record.md says what each field means."""
 
-from plumbing import files
-from plumbing.settings import check_recorded
+from plumbing import figures, files
+from plumbing.settings import check_recorded, has_fast
 from plumbing.stops import Diverged, UserError, signals_deferred
 
 import argparse
@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+
+TRAIN_SAMPLE = 10_000  # training images the final train accuracy is measured on: all 55,000 cost a third of an epoch
 
 
 def runs_folder(out_dir):
@@ -50,8 +52,6 @@ def device_name(device, units=False):
         return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}, {memory:.0f} GiB"
     if device.type != "cpu":
         return device.type
-    from common import has_fast
-
     bf16 = f", {'with' if has_fast('bf16', device) else 'no'} bf16 units" if units else ""
     model = os.name  # where there is no /proc/cpuinfo (not Linux)
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
@@ -69,9 +69,7 @@ class Run:
     first epoch leaves no folder behind. The record, and the weights it names, are written with stops deferred."""
 
     def __init__(self, script, hp, device, precision):
-        import common  # the toolbox: the figures a run shows
-
-        self.common, self.script, self.started, self.unsaved = common, script, time.perf_counter(), None
+        self.script, self.started, self.unsaved = script, time.perf_counter(), None
         hparams, started = (
             {k.upper(): v for k, v in vars(hp).items()},
             datetime.datetime.now().isoformat("T", "seconds"),
@@ -104,7 +102,7 @@ class Run:
         done = len(self.record["history"])
         print(f"{self.script}: {status} after {done} epoch(s); record in {self.dir}", file=sys.stderr)
         if done:
-            self.draw(self.common.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
+            self.draw(figures.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
         return False
 
     def start_training(self, data, model, evaluated, epochs, views, trained):
@@ -117,7 +115,7 @@ class Run:
         self.model, self.epochs, self.views = getattr(evaluated, "module", evaluated), epochs, views
         self.examples = data.train[0].dim() == 4 and (data.train[0][:30].float().cpu(), data.train[1][:30].cpu())
         # The final evaluation, in epochs: a training image costs about 3 forward passes, each view evaluated 1.
-        sample = min(sizes["train"], self.common.TRAIN_SAMPLE)
+        sample = min(sizes["train"], TRAIN_SAMPLE)
         self.final_cost = (sample + sizes["val"] + sizes["test"]) * views / (3 * sizes["train"] + sizes["val"])
         batches = ", ".join(words for words, applies in trained.items() if applies)
         average = ", weight average" if evaluated is not model else ""
@@ -142,29 +140,30 @@ class Run:
             print(f"      (about {minutes:.1f} min in all at this pace, the final evaluation included)")
         self.epoch_started = time.perf_counter()
 
-    def finish(self, final, confusion, figures=()):
+    def finish(self, final, test_logits, test_images, test_labels):
         """Record and print the final accuracies and the test confusion matrix, then draw the curves, the confusion
-        matrix and `figures` ((plot, file name, *arguments), ...). The weights are the last epoch's, saved then."""
-        final, common = {**final, "seconds": time.perf_counter() - self.started}, self.common
-        rates = dict(zip(common.CLASSES, (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(), strict=True))
+        matrix and the test images (uint8, on the CPU) the model was most confident about and got wrong. The
+        weights are the last epoch's, saved then."""
+        final = {**final, "seconds": time.perf_counter() - self.started}
+        test_logits, test_labels = test_logits.float().cpu(), test_labels.cpu()
+        confusion = figures.confusion_matrix(test_logits, test_labels)
+        rates = dict(zip(figures.CLASSES, (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(), strict=True))
         self.record.update(final=final, per_class_test_acc=rates, test_confusion=confusion.tolist(), status="completed")
         if self.unsaved is None:
             self.record["model_pt"] = f"final weights, as evaluated (after epoch {len(self.record['history'])})"
         self.save()
         shown = " ".join(f"{k}={'n/a' if final[k] is None else f'{final[k]:.2%}'}" for k in list(final)[:3])
-        sampled = self.record["split_sizes"]["train"] > common.TRAIN_SAMPLE
-        sample = f"train: a sample of {common.TRAIN_SAMPLE:,}; " if sampled else ""
+        sample = f"train: a sample of {TRAIN_SAMPLE:,}; " if self.record["split_sizes"]["train"] > TRAIN_SAMPLE else ""
         print(
             f"{self.script}: {shown} seconds={final['seconds']:.1f} ({sample}{self.views} view(s) of each image)",
             flush=True,
         )
+        self.draw(figures.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
         title = f"{self.script}: test confusion, rows = true class"
-        curves = (common.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
-        figures = [curves, (common.plot_confusion, "confusion.png", confusion, title), *figures]
+        self.draw(figures.plot_confusion, "confusion.png", confusion, title)
+        self.draw(figures.plot_misclassified, "misclassified.png", test_images, test_labels, test_logits)
         if self.examples and not (self.dir.parent / "training-images.png").exists():  # once beside the run folders
-            figures.append((common.plot_training_images, "../training-images.png", *self.examples))
-        for plot, name, *arguments in figures:
-            self.draw(plot, name, *arguments)
+            self.draw(figures.plot_training_images, "../training-images.png", *self.examples)
         if self.unsaved is not None:
             raise UserError(f"{self.unsaved}; the accuracies are recorded in {self.dir / 'metrics.json'}")
 
@@ -274,8 +273,10 @@ RECORDED = {
     "resnet_transfer": ("BACKBONE", "WEIGHTS", "IMAGE_SIZE", "FINETUNE", "DROPOUT", "BATCH_SIZE", "EXTRACT_BATCH"),
 }
 RECORDED["resnet_transfer"] += ("SEED", "SUBSET")
-# Runs made before SEED was held to 32 bits may have larger ones.
-RECORD_CHECKS = {"SEED": (int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")}
+RECORD_CHECKS = {
+    "SEED": (int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)"),  # runs from before SEED was 32 bits
+    "IN_FEATURES": (int, lambda v: v in (512, 2048), "512 or 2048 (a backbone's features)"),  # the transfer head's
+}
 PRECISIONS = {"fp32": "fp32", "tf32": "fp32", "bf16": "bf16", "fp16": "fp16"}  # what ran -> what to ask for again
 
 
@@ -283,14 +284,14 @@ class SavedRun(argparse.Namespace):
     """A run folder read back: its `folder`, `record`, `script`, `settings` (by name, checked), `precision` (to ask
     for again), `final` ({train_acc, val_acc, test_acc, ...} or None when the run did not end), `weights` (the words
     that say which weights model.pt holds), `final_weights` (whether they are those the final accuracies are of),
-    and, when loaded for a device, `logits`: uint8 images (N, 1, 28, 28) -> the model's logits."""
+    `model_args` (the arguments the script built its model with, checked; {} in runs from before they were
+    recorded)."""
 
 
-def load_run(folder, device=None, precision=""):
-    """The run in `folder`, checked, with its model rebuilt on `device` (unless None) in `precision` ("": the one
-    the run was evaluated in); or a UserError naming what is wrong with it. A run that was stopped, or is still
-    training, or whose final weights could not be written, has the weights of an earlier epoch: they are used, and
-    that is said."""
+def load_run(folder):
+    """The run in `folder`, its record and the settings a tool needs checked, or a UserError naming what is wrong
+    with it. A run that was stopped, or is still training, or whose final weights could not be written, has the
+    weights of an earlier epoch: they are used, and that is said."""
     path = folder / "metrics.json"
     if not os.path.lexists(path):
         raise UserError(f"{folder}: no metrics.json; pass a run folder (runs/<script>-<date>), or a script's name")
@@ -316,11 +317,18 @@ def load_run(folder, device=None, precision=""):
         settings = check_recorded(record["hparams"], RECORDED[script], checks=RECORD_CHECKS)
     except UserError as error:
         raise UserError(f"{path}: its settings are incomplete or damaged ({error})") from None
-    run = SavedRun(folder=folder, record=record, script=script, settings=settings, weights=weights)
+    args = record.get("model_args", {})
+    try:
+        if not isinstance(args, dict) or not all(isinstance(k, str) and k.isidentifier() for k in args):
+            raise UserError("model_args is not a table of named settings")
+        args = check_recorded({k.upper(): v for k, v in args.items()}, [k.upper() for k in args], RECORD_CHECKS)
+    except (UserError, KeyError) as error:  # KeyError: a name no model takes
+        raise UserError(f"{path}: the arguments of its model are damaged ({error})") from None
+    run = SavedRun(
+        folder=folder, record=record, script=script, settings=settings, weights=weights, model_args=vars(args)
+    )
     run.precision, run.final_weights = PRECISIONS[record.get("precision", "fp32")], final_weights
     run.final = final if final and final.get("test_acc") is not None else None
-    if device is not None:
-        run.logits = rebuilt(run, device, precision)
     return run
 
 
@@ -336,81 +344,6 @@ def latest_run(script, out_dir=""):
     if newest is None:
         raise UserError(f"no completed run of {script}.py in {runs_folder(out_dir)}: train one with python {script}.py")
     return newest[1]
-
-
-def rebuilt(run, device, precision):
-    """A function from uint8 images (N, 1, 28, 28) to logits: the run's model with its weights, and the preparation
-    its inputs had (its normalisation, or the frozen backbone of a transfer run), computed in `precision` ("": the
-    one the run was evaluated in). Only the run's own script is imported. Outputs that are not numbers are refused."""
-    import common
-
-    amp = common.autocast(device, common.pick_precision(precision or run.precision, device))
-    hp = run.settings
-    with torch.device("meta"):  # shapes without memory: model.pt is checked against them before anything is loaded
-        model = model_of(run.script, hp)
-    if run.script != "resnet_transfer":
-        norm = normalization(run)
-        model = load_weights(model, run, run.script, device)
-        tta = (hp.tta_flip, getattr(hp, "tta_shift", 0))
-        return lambda x: finite(common.compute_logits(model, (x.float() - norm["mean"]) / norm["std"], amp, *tta), run)
-    import resnet_transfer as rt
-
-    torch.manual_seed(hp.seed)  # a random backbone (--weights none) is rebuilt from the run's seed
-    backbone, weights_id, image_mean, image_std = rt.load_backbone(hp.backbone, hp.weights, hp.seed)
-    if weights_id != run.record.get("weights"):
-        raise UserError(f"{run.folder}: the backbone weights now at {hp.weights} are not the ones the run used")
-    image_size = run.record.get("image_size", hp.image_size)  # the size that ran (IMAGE_SIZE may say "auto")
-    if type(image_size) is not int or not 32 <= image_size <= 512:
-        raise UserError(f"{run.folder}/metrics.json: its image_size {image_size!r} is damaged (32 to 512 pixels)")
-    preprocess = rt.Preprocess(image_size, image_mean, image_std)
-    if hp.finetune:  # model.pt holds the whole fine-tuned model: backbone (with its trained layer4) and head
-        finetuned = rt.FineTuned(preprocess, backbone, model)
-        finetuned = load_weights(finetuned, run, "resnet_transfer.py --finetune", device)
-        return lambda x: finite(common.compute_logits(finetuned, x, amp, chunk=hp.batch_size), run)  # training's memory
-    head = load_weights(model, run, "resnet_transfer.py head", device)
-    backbone, preprocess = backbone.to(device, memory_format=torch.channels_last), preprocess.to(device)
-    features = lambda x: rt.extract_features(preprocess, backbone, x, device, amp, hp.extract_batch)  # noqa: E731
-    return lambda x: finite(common.compute_logits(head, features(x), amp, chunk=hp.batch_size), run)
-
-
-def model_of(script, hp):
-    """The untrained model of a run of `script`, built as the script builds it from its settings."""
-    if script == "ann":
-        from ann import ANN
-
-        return ANN(hp.dropout)
-    if script == "cnn":
-        from cnn import CNN
-
-        return CNN(hp.fc_width, hp.dropout)
-    from resnet_transfer import FEATURES, Head
-
-    return Head(FEATURES[hp.backbone], hp.dropout)
-
-
-def finite(logits, run):
-    """The logits, unless some are NaN or infinite: then no answer is better than a made-up one."""
-    if not torch.isfinite(logits).all():
-        raise UserError(
-            f"{run.folder}: the model's outputs are NaN or infinite; its model.pt or the normalisation in its "
-            "metrics.json is damaged: train it again"
-        )
-    return logits
-
-
-def normalization(run):
-    """The {"mean", "std"} the run normalised its images with, refused in one line if missing or damaged."""
-    norm = run.record.get("normalization")
-    if not isinstance(norm, dict) or "mean" not in norm or "std" not in norm:
-        raise UserError(f"{run.folder}: made before runs recorded their normalisation (or damaged); train it again")
-    for key in ("mean", "std"):
-        value = norm[key]
-        if not is_number(value) or key == "std" and value <= 0:
-            raise UserError(
-                f"{run.folder}/metrics.json: its normalisation is damaged (normalization.{key} = {value!r}; "
-                f"it must be a finite number{' > 0' if key == 'std' else ''})"
-            )
-    return norm
 
 
 def load_weights(model, run, name, device):

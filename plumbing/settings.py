@@ -182,6 +182,20 @@ def check_device(name):
         raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
 
 
+def has_fast(dtype, device):
+    """Whether the device has units that compute in this 16-bit type at full speed (elsewhere it is emulated).
+
+    CUDA: bf16 from compute capability 8.0 (Ampere) on, fp16 tensor cores from 7.0 (Volta, Turing: the T4).
+    torch.cuda.is_bf16_supported() is no guide: it also answers True where bf16 is only emulated.
+    CPU: bf16 with AVX-512-BF16 or AMX, fp16 with AMX-FP16. MPS: not verified here, so neither."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= (8 if dtype == "bf16" else 7)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == "bf16" else ("_is_amx_fp16_supported",)
+    return device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def check_recorded(values, names, checks=None):
     """The settings `names` from `values`, the {NAME: value} a run's record keeps, checked against SETTINGS (or
     `checks`) as their flags are: returned by name (hp.dropout), or a UserError naming the first one that is

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-from plumbing import files  # noqa: E402
+from plumbing import data, files  # noqa: E402
 
 import ann  # noqa: E402
 import cnn  # noqa: E402
@@ -67,8 +67,8 @@ def extracted_dir(real_data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tv")
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in common.FILES:
-        source = common.find_file(real_data_dir, name)
+    for name in data.FILES:
+        source = data.find_file(real_data_dir, name)
         opener = gzip.open if source.suffix == ".gz" else open
         with opener(source, "rb") as src, open(raw / name, "wb") as dst:
             shutil.copyfileobj(src, dst)

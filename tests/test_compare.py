@@ -159,7 +159,12 @@ def test_t_critical_between_whole_degrees_of_freedom_and_in_the_normal_limit():
     """Welch gives fractional degrees of freedom: the value lies between its neighbours."""
     assert compare.t_critical(3) > compare.t_critical(3.5) > compare.t_critical(4)
     assert compare.t_critical(1e7) == pytest.approx(1.95996, abs=1e-4)
-    assert compare.t_two_sided_p(2.228, 10) == pytest.approx(0.05, abs=1e-4)
+
+
+def test_t_critical_is_exact_where_a_closed_form_is_known():
+    """df 1 is the Cauchy distribution, t = tan(0.475 pi); df 2 has t = 2q sqrt(2 / (1 - (2q)^2)) with 2q = 0.95."""
+    assert compare.t_critical(1) == pytest.approx(math.tan(0.475 * math.pi), abs=1e-12)
+    assert compare.t_critical(2) == pytest.approx(0.95 * math.sqrt(2 / (1 - 0.95**2)), abs=1e-12)
 
 
 def test_a_single_seed_gets_no_verdict_and_no_spread(tmp_path, capsys):

@@ -32,10 +32,10 @@ def copied_dir(real_data_dir, tmp_path):
     """A writable copy of the real files as .gz, to damage one of them."""
     folder = tmp_path / "data"
     folder.mkdir()
-    for name in common.FILES:
-        source = common.find_file(real_data_dir, name)
-        data = source.read_bytes()
-        (folder / (name + ".gz")).write_bytes(data if source.suffix == ".gz" else gzip.compress(data))
+    for name in data.FILES:
+        source = data.find_file(real_data_dir, name)
+        content = source.read_bytes()
+        (folder / (name + ".gz")).write_bytes(content if source.suffix == ".gz" else gzip.compress(content))
     return folder
 
 
@@ -164,7 +164,7 @@ def test_a_small_file_claiming_a_huge_gzip_is_refused_by_its_size(copied_dir):
 
 def test_bad_data_files_exit_2_with_one_line_naming_one_and_leave_no_run_folder(tmp_path):
     """As a user sees it: `python ann.py` on files that are not gzip at all."""
-    for name in common.FILES:
+    for name in data.FILES:
         (tmp_path / (name + ".gz")).write_bytes(b"\x1f\x8b not really gzip")
     result = subprocess.run(
         [sys.executable, "ann.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")],
@@ -220,7 +220,7 @@ def test_a_named_data_folder_without_the_files_is_used_not_passed_over(
     named = tmp_path / "named"
     named.mkdir()
     if holds != "nothing":
-        shutil.copy(common.find_file(real_data_dir, "t10k-labels-idx1-ubyte"), named)
+        shutil.copy(data.find_file(real_data_dir, "t10k-labels-idx1-ubyte"), named)
     code, err = run_cli(ann, naming_data_dir(named, from_env, tmp_path, monkeypatch), capsys)
     assert code == 2
     one_line(err, f"could not download Fashion-MNIST into {named}")

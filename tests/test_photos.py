@@ -1,7 +1,6 @@
 """predict.py on photos as phones take them: noisy, unevenly lit, and some with nothing to classify (issue #27)."""
 
 import common
-from plumbing import runs
 
 import io
 import json
@@ -13,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 import photo_prep as photos
+import predict
 from conftest import ROOT, run_cli
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -50,7 +50,7 @@ def as_photo(image, rng, noise=6.0, gradient=50.0, light_item=False):
 @pytest.mark.parametrize("noise, gradient", [(0, 0), (6, 50)], ids=["clean", "noisy, unevenly lit"])
 def test_photos_get_the_class_the_original_images_get(run, test_images, noise, gradient):
     """Before issue #27 the trim stopped at noise pixels, so the item shrank to half the frame: 30% agreed."""
-    model = runs.load_run(run, torch.device("cpu")).logits
+    model = predict.load(run, torch.device("cpu")).logits
     rng = np.random.default_rng(6)
     renderings = [as_photo(image[0].numpy(), rng, noise, gradient) for image in test_images]
     prepared = np.stack([photos.prepare_photo(photo) for photo in renderings])
@@ -123,7 +123,7 @@ WHERE = {  # (item colour, surface colour), surface, extra settings
 
 def test_items_are_found_where_people_photograph_them(run, test_images):
     """Each condition of issue #34, 16 items each: textured and patterned surfaces, colours, tilt, bars, a frame."""
-    model = runs.load_run(run, torch.device("cpu")).logits
+    model = predict.load(run, torch.device("cpu")).logits
     originals = model(test_images[:16]).argmax(1)
     agreement = {}
     for k, (name, (colour, surface, extra)) in enumerate(WHERE.items()):

@@ -1,7 +1,7 @@
 """predict.py: a run folder is reused exactly, photos are prepared as Fashion-MNIST was, bad input is named."""
 
 import common
-from plumbing import files
+from plumbing import figures, files
 
 import contextlib
 import json
@@ -456,7 +456,7 @@ def test_the_figure_and_the_mistakes_grid_show_images_alike(test_images, tmp_pat
     )
     logits = torch.zeros(4, 10)
     logits[:, 0] = 5  # all four called class 0, and all four labelled 1: four mistakes
-    files.write_figure(common.plot_misclassified, tmp_path / "m.png", images, torch.ones(4, dtype=torch.long), logits)
+    files.write_figure(figures.plot_misclassified, tmp_path / "m.png", images, torch.ones(4, dtype=torch.long), logits)
     assert len(styles) == 8 and set(styles) == {("gray", (0, 255))}, styles
 
 

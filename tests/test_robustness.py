@@ -7,7 +7,7 @@ given to predict.py in test_predict.py.
 """
 
 import common
-from plumbing import files
+from plumbing import figures, files
 
 import contextlib
 import json
@@ -84,7 +84,7 @@ def test_ctrl_c_kill_or_hangup_keeps_completed_epochs_and_the_latest_weights(sto
 def test_ctrl_c_at_the_end_keeps_what_was_recorded(where, status, real_data_dir, tmp_path, capsys, monkeypatch):
     """Weights are saved as an epoch ends: a Ctrl-C there interrupts the run. The final accuracies are recorded
     before the figures are drawn: a Ctrl-C while they are drawn leaves the run completed, its figures undrawn."""
-    module = files if where == "tensor_bytes" else common
+    module = files if where == "tensor_bytes" else figures
     original, calls = getattr(module, where), []
 
     def ctrl_c_once(*args, **kwargs):  # the Ctrl-C lands here once; later calls go through
@@ -299,7 +299,7 @@ def test_a_figure_that_cannot_be_drawn_leaves_the_run_completed(plot, real_data_
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(common, plot, disk_full)
+    monkeypatch.setattr(figures, plot, disk_full)
     code, err = run_cli(ann, SMALL + ["--out-dir", str(tmp_path)], capsys)
     assert code == 0
     one_line(err, "not drawn", "No space left on device")

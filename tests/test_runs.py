@@ -6,7 +6,7 @@ test_compare.py.
 """
 
 import common
-from plumbing import runs
+from plumbing import figures, runs
 
 import json
 import re
@@ -49,7 +49,7 @@ def test_main_runs_end_to_end_and_writes_the_run_folder(script, extra, real_data
 
 def test_a_one_epoch_run_is_plotted_at_epoch_1_and_the_legend_covers_no_point():
     history = [{"epoch": 1, "train_batch_loss": 0.5, "train_batch_acc": 0.8, "val_loss": 0.4, "val_acc": 0.85}]
-    fig = common.plot_curves(history, ("training batches", "validation"), "a run")
+    fig = figures.plot_curves(history, ("training batches", "validation"), "a run")
     for ax in fig.axes:
         assert ax.get_xlim() == (0.5, 1.5) and [t for t in ax.get_xticks() if 0.5 <= t <= 1.5] == [1]
         assert ax.get_legend() is None  # one legend, below both plots
