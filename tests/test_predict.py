@@ -164,12 +164,9 @@ def set_record(**changes):
         (set_record(final={"test_acc": "high"}), "test_acc is 'high'"),
         (lambda f: (f / "model.pt").unlink(), "model.pt: cannot read it"),
         (lambda f: (f / "model.pt").write_bytes(b"PK\x03\x04 cut"), "model.pt: not a file written by torch.save"),
-        (
-            lambda f: set_record(hparams={**json.loads((f / "metrics.json").read_text())["hparams"], "FC_WIDTH": 64})(
-                f
-            ),
-            "has shape",
-        ),
+        (lambda f: set_record(model_args={"fc_width": 64, "dropout": 0.1})(f), "has shape"),
+        (lambda f: set_record(model_args={"fc_width": 64, "depth": 3})(f), "arguments of its model are damaged"),
+        (lambda f: set_record(model_args={"dropout": 0.1})(f), "do not fit the model"),
     ],
 )
 def test_a_run_folder_that_is_not_a_completed_run_is_one_line(change, words, runs, tmp_path, capsys):
