@@ -84,6 +84,8 @@ def group_key(record):
     settings = {k: v for k, v in record["hparams"].items() if k not in NOT_COMPARED}
     # A seed gives the same numbers only on the same hardware in the same precision: pair only those.
     settings.update(device=record.get("device_name"), precision=record.get("precision"))
+    if record.get("code"):  # runs of different code are never repeats of one seed (records from before it: none)
+        settings["CODE"] = record["code"]
     if isinstance(record.get("image_size"), int):  # IMAGE_SIZE "auto" gives way to the size that ran, as above
         settings["IMAGE_SIZE"] = record["image_size"]
     return record.get("script") or "?", json.dumps(settings, sort_keys=True)
@@ -200,6 +202,10 @@ def compare(group, reference):
     return interval(difference, error, df, f"Welch t, n={len(a)}+{len(b)}")
 
 
+code_note = (
+    "code: a fingerprint of the script, common.py and plumbing/ as they ran (the settings' values apart). Runs of "
+    "different code are never pooled as repeats of a seed: an edited step, or a git pull, makes another group."
+)
 no_spread_note = (
     "no spread measured: the 95% interval is measured from how the per-seed differences vary (their sd, over n-1 "
     "degrees of freedom); equal differences show none, which says too few seeds were run, not that the difference "
@@ -406,6 +412,8 @@ def main(argv=None):
     print(table(groups, reference, cells))
     print()
     print(legend(groups, names))
+    if "CODE" in names:
+        print(wrap(code_note))
     print(wrap(f"reference {'' if reference is None else groups[reference].name + ': '}{why}", indent=2))
     for note in left_out:
         print(note)

@@ -7,6 +7,7 @@ from plumbing.stops import UserError
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import secrets
@@ -75,6 +76,16 @@ def tensor_bytes(tensors):
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in tensors.items()}, buffer)
     return buffer.getvalue()
+
+
+def fingerprint(tensors):
+    """A short hash of a state dict's names, types, shapes and values: the same whichever file holds them."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def save_tensors(path, tensors):

@@ -9,8 +9,10 @@ from plumbing.stops import Diverged, UserError, signals_deferred
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -59,6 +61,27 @@ def device_name(device, units=False):
     return f"{model}, {torch.get_num_threads()} threads{bf16}"
 
 
+def script_file(script):
+    """The file of the script that runs: the program itself (a learner's copy of cnn.py included), or `script`.py
+    beside plumbing/ when a script's main() is called from elsewhere (the tests)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    return Path(main).resolve() if main and Path(main).resolve().parent == files.HERE else files.HERE / f"{script}.py"
+
+
+def code_fingerprint(source, settings):
+    """A short hash of the code that ran: the script and the modules it shares (common.py, plumbing/), as airbench
+    keeps its source with its results. The settings' lines count without their values: those are recorded apart,
+    so editing EPOCHS = 5 in the file is the same code as passing --epochs 5."""
+    digest = hashlib.sha256()
+    for path in [source, source.parent / "common.py", *sorted((source.parent / "plumbing").glob("*.py"))]:
+        with contextlib.suppress(OSError):
+            text = path.read_text(errors="replace")
+            if path == source:
+                text = re.sub(rf"(?m)^({'|'.join(map(re.escape, settings))}) *=.*$", r"\1 =", text)
+            digest.update(f"{path.name}\0{text}\0".encode())
+    return digest.hexdigest()[:12]
+
+
 # ----------------------------------------------------------------------------------------------
 # Written: a record of what main() hands it, saved after every epoch together with the weights.
 
@@ -76,7 +99,7 @@ class Run:
         )
         self.record = dict(script=script, status="running", device=str(device), device_name=device_name(device))
         self.record.update(precision=precision, torch_version=torch.__version__, started=started)
-        self.record.update(hparams=hparams, history=[], final=None)
+        self.record.update(hparams=hparams, code=code_fingerprint(script_file(script), hparams), history=[], final=None)
         print(f"{script}: device={device} ({device_name(device, units=True)}) precision={precision}")
         print("  " + "  ".join(f"{k.lower()}={v}" for k, v in hparams.items()), flush=True)
         self.dir = new_run_folder(hp.out_dir, script)  # after the flush: an output that fails first (stdout on a
@@ -130,7 +153,7 @@ class Run:
         seconds, was_unsaved = time.perf_counter() - self.epoch_started, self.unsaved
         row = dict(epoch=epoch, train_batch_loss=train_loss, train_batch_acc=train_acc, val_loss=val_loss)
         self.record["history"].append({**row, "val_acc": val_acc, "lr": lr, "seconds": seconds})
-        self.unsaved = self.save(weights=f"weights after epoch {epoch}")
+        self.unsaved = self.save(weights=True)
         if self.unsaved is not None and was_unsaved is None:  # said once, and only if the record could be written
             print(f"{self.script}: warning: {self.unsaved}; training goes on without saving weights", file=sys.stderr)
         val = f"{val_loss:>8.4f} {val_acc:>7.2%}" if val_loss is not None else f"{'-':>8} {'-':>7}"
@@ -141,23 +164,26 @@ class Run:
         self.epoch_started = time.perf_counter()
 
     def finish(self, final, test_logits, test_images, test_labels):
-        """Record and print the final accuracies and the test confusion matrix, then draw the curves, the confusion
-        matrix and the test images (uint8, on the CPU) the model was most confident about and got wrong. The
-        weights are the last epoch's, saved then."""
+        """Print and record the final accuracies and the test confusion matrix, then draw the curves, the confusion
+        matrix and the test images (uint8, on the CPU) the model was most confident about and got wrong. They are
+        printed first: a disk that fills now loses none of them. The weights are the last epoch's, saved then."""
         final = {**final, "seconds": time.perf_counter() - self.started}
-        test_logits, test_labels = test_logits.float().cpu(), test_labels.cpu()
-        confusion = figures.confusion_matrix(test_logits, test_labels)
-        rates = dict(zip(figures.CLASSES, (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(), strict=True))
-        self.record.update(final=final, per_class_test_acc=rates, test_confusion=confusion.tolist(), status="completed")
-        if self.unsaved is None:
-            self.record["model_pt"] = f"final weights, as evaluated (after epoch {len(self.record['history'])})"
-        self.save()
         shown = " ".join(f"{k}={'n/a' if final[k] is None else f'{final[k]:.2%}'}" for k in list(final)[:3])
         sample = f"train: a sample of {TRAIN_SAMPLE:,}; " if self.record["split_sizes"]["train"] > TRAIN_SAMPLE else ""
         print(
             f"{self.script}: {shown} seconds={final['seconds']:.1f} ({sample}{self.views} view(s) of each image)",
             flush=True,
         )
+        test_logits, test_labels = test_logits.float().cpu(), test_labels.cpu()
+        confusion = figures.confusion_matrix(test_logits, test_labels)
+        rates = dict(zip(figures.CLASSES, (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(), strict=True))
+        self.record.update(final=final, per_class_test_acc=rates, test_confusion=confusion.tolist(), status="completed")
+        if self.unsaved is not None:
+            self.record["not_written"] = str(self.unsaved)  # model.pt holds an earlier epoch's weights
+        try:
+            self.save()
+        except UserError as error:
+            raise UserError(f"{error}; the final accuracies are printed above") from None
         self.draw(figures.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
         title = f"{self.script}: test confusion, rows = true class"
         self.draw(figures.plot_confusion, "confusion.png", confusion, title)
@@ -174,30 +200,30 @@ class Run:
         except UserError as error:
             print(f"{self.script}: {error}", file=sys.stderr)
 
-    def save(self, weights=None):
-        """Write the record, with stops deferred. With `weights` (the words that name them), the model's weights first,
-        aside, renamed into model.pt once the record naming them is written. Returns why the weights could not be
-        written (the record then still names the older ones model.pt holds), or None."""
+    def save(self, weights=False):
+        """Write the record, with stops deferred. With `weights`, the model's weights too: written aside, their
+        fingerprint recorded in the epoch's row, renamed into model.pt once the record is written. So whatever
+        instant a run is killed at, model.pt holds weights that a row of the record on disk names. Returns why the
+        weights could not be written (model.pt then keeps earlier ones, which the record still names), or None."""
         with signals_deferred():
-            try:  # the new weights, written aside
-                aside = weights and files.staged(self.dir / "model.pt", files.tensor_bytes(self.model.state_dict()))
-            except UserError as error:  # a full disk: training goes on, so that its accuracies are recorded
-                self.save()
-                return error
-            named = {"model_pt": self.record.pop("model_pt")} if "model_pt" in self.record else {}
+            aside, unsaved, written = None, None, False
+            if weights:
+                state = self.model.state_dict()
+                self.record["history"][-1]["weights"] = files.fingerprint(state)
+                try:
+                    aside = files.staged(self.dir / "model.pt", files.tensor_bytes(state))
+                except UserError as error:  # a full disk: training goes on, so that its accuracies are recorded
+                    unsaved = error
             try:
-                with aside or contextlib.nullcontext():  # left aside, and deleted, if the record cannot be written
-                    self.record.update({"model_pt": weights} if weights else named)
+                with aside or contextlib.nullcontext():  # deleted, not renamed, if the record cannot be written
                     record = json.dumps(self.record, indent=2, allow_nan=False).encode()
                     files.atomic_write(self.dir / "metrics.json", record)
+                    written = True
             except UserError as error:
-                self.record.pop("model_pt", None)
-                self.record.update(named)  # the weights model.pt still holds
-                if not weights or not (self.dir / "metrics.json").exists():
+                if not written:
                     raise
-                self.save()  # the record was written but the weights could not be put in place: it names them again
-                return error
-        return None
+                unsaved = error  # the weights could not be put in place
+        return unsaved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,8 +308,9 @@ PRECISIONS = {"fp32": "fp32", "tf32": "fp32", "bf16": "bf16", "fp16": "fp16"}  #
 
 class SavedRun(argparse.Namespace):
     """A run folder read back: its `folder`, `record`, `script`, `settings` (by name, checked), `precision` (to ask
-    for again), `final` ({train_acc, val_acc, test_acc, ...} or None when the run did not end), `weights` (the words
-    that say which weights model.pt holds), `final_weights` (whether they are those the final accuracies are of),
+    for again), `final` ({train_acc, val_acc, test_acc, ...} or None when the run did not end), once its weights are
+    loaded `weights` (the words that say which model.pt holds) and `final_weights` (whether they are those the
+    final accuracies are of),
     `model_args` (the arguments the script built its model with, checked; {} in runs from before they were
     recorded)."""
 
@@ -299,18 +326,8 @@ def load_run(folder):
     script, status, final = record.get("script"), record.get("status"), record.get("final")
     if script not in RECORDED:
         raise UserError(f"{path}: not the record of a run of {', '.join(f'{s}.py' for s in RECORDED)}")
-    weights = record.get("model_pt")
-    if weights is None or status != "completed" and not (folder / "model.pt").exists():
+    if not os.path.lexists(folder / "model.pt") or "model_pt" in record and record["model_pt"] is None:
         raise UserError(f"{folder}: the run's status is {status!r} and it saved no weights; train it again")
-    final_weights = status == "completed" and weights.startswith("final weights")
-    if status != "completed":
-        print(f"note: the run is {status!r}, not completed; using its {weights}", file=sys.stderr)
-    elif not final_weights:
-        print(
-            f"note: the run completed, but its final weights could not be saved: model.pt holds its {weights}, "
-            "not the weights its accuracies were measured with",
-            file=sys.stderr,
-        )
     if record.get("precision", "fp32") not in PRECISIONS:
         raise UserError(f"{path}: its precision {record['precision']!r} is not one that runs here")
     try:
@@ -324,10 +341,8 @@ def load_run(folder):
         args = check_recorded({k.upper(): v for k, v in args.items()}, [k.upper() for k in args], RECORD_CHECKS)
     except (UserError, KeyError) as error:  # KeyError: a name no model takes
         raise UserError(f"{path}: the arguments of its model are damaged ({error})") from None
-    run = SavedRun(
-        folder=folder, record=record, script=script, settings=settings, weights=weights, model_args=vars(args)
-    )
-    run.precision, run.final_weights = PRECISIONS[record.get("precision", "fp32")], final_weights
+    run = SavedRun(folder=folder, record=record, script=script, settings=settings, model_args=vars(args))
+    run.precision = PRECISIONS[record.get("precision", "fp32")]
     run.final = final if final and final.get("test_acc") is not None else None
     return run
 
@@ -348,10 +363,38 @@ def latest_run(script, out_dir=""):
 
 def load_weights(model, run, name, device):
     """The model (built on the meta device: shapes, no memory) with the run's weights, on the device and in eval
-    mode; weights of another model, or damaged ones, are refused in one line."""
+    mode; weights of another model, or damaged ones, are refused in one line. Weights of an earlier epoch than the
+    last (a run stopped, or whose final weights could not be written) are used, and that is said."""
     path = run.folder / "model.pt"
     state = files.load_tensors(path, f"{run.folder}: model.pt", files.state_bytes(model))
     files.check_state_dict(state, model, str(path), name)
+    run.weights, run.final_weights = weights_held(run.record, state)
+    if run.weights is None:
+        raise UserError(f"{path}: holds weights its record names for no epoch (replaced or damaged); train it again")
+    if run.record.get("status") != "completed":
+        print(f"note: the run is {run.record.get('status')!r}, not completed; using its {run.weights}", file=sys.stderr)
+    elif not run.final_weights:
+        print(
+            f"note: the run completed, but its final weights could not be saved: model.pt holds its {run.weights}, "
+            "not the weights its accuracies were measured with",
+            file=sys.stderr,
+        )
     model = model.to_empty(device=device)  # memory, now that the weights are known to fit
     model.load_state_dict(state)
     return model.to(memory_format=torch.channels_last).eval()
+
+
+def weights_held(record, state):
+    """(words naming the weights `state` holds, whether they are the final ones), from the fingerprint each epoch's
+    row of the record keeps (older records: from the words they kept in model_pt); (None, False) for weights no row
+    names."""
+    history = record["history"]
+    if not any("weights" in row for row in history):
+        words = record.get("model_pt") or "weights of an unknown epoch"
+        return words, record.get("status") == "completed" and words.startswith("final weights")
+    held = files.fingerprint(state)
+    epoch = next((row["epoch"] for row in reversed(history) if row.get("weights") == held), None)
+    if epoch is None:
+        return None, False
+    final = record.get("status") == "completed" and epoch == history[-1]["epoch"]
+    return ("final weights, as evaluated" if final else "weights") + f" after epoch {epoch}", final

@@ -5,10 +5,12 @@ table, which fits in 120 columns.
 """
 
 import common
+from plumbing import runs
 
 import json
 import math
 import resource
+import shutil
 import subprocess
 import sys
 import warnings
@@ -17,7 +19,7 @@ import pytest
 
 import ann
 import compare
-from conftest import ROOT, one_line, png_size, run_cli
+from conftest import ROOT, SMALL, one_line, png_size, run_cli
 
 
 def fake_record(seed, test_acc, lr=0.1, val_acc=None, script="cnn", **hparams):
@@ -507,3 +509,35 @@ def test_identical_gains_on_two_seeds_say_why_there_is_no_verdict(tmp_path, caps
     assert "no spread measured" in rows(lines)["B"]
     assert any(line.startswith("no spread measured: the 95% interval is measured from how") for line in lines)
     assert "n-1" in "\n".join(lines)
+
+
+def test_runs_of_different_code_are_never_pooled_as_repeats_of_a_seed(real_data_dir, tmp_path, capsys):
+    """A learner edits the step and runs again with the same settings and seed: the two runs were averaged as one
+    seed's repeats. Here the edit is real: a copy of the project whose ann.py scales its loss."""
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    for name in ("ann.py", "common.py"):
+        shutil.copy(ROOT / name, copy / name)
+    shutil.copytree(ROOT / "plumbing", copy / "plumbing", ignore=shutil.ignore_patterns("__pycache__"))
+    step = "loss = loss_fn(logits.float(), labels)"
+    (copy / "ann.py").write_text((ROOT / "ann.py").read_text().replace(step, step + " * 2"))
+    out = tmp_path / "runs"
+    for folder in (ROOT, copy):
+        argv = [sys.executable, "ann.py", *SMALL, "--out-dir", str(out)]
+        done = subprocess.run(argv, cwd=folder, capture_output=True)
+        assert done.returncode == 0, done.stderr
+    lines, _ = compare_out(out, capsys)
+    assert set(rows(lines)) == {"A", "B"}  # two groups of one seed each, not one group with a repeat
+    assert "(×2)" not in "\n".join(lines) and any(line.startswith("code: a fingerprint") for line in lines)
+
+
+def test_a_setting_edited_in_the_file_is_the_same_code_as_its_flag(tmp_path):
+    """EPOCHS = 5 written in the file is recorded as a setting, as --epochs 5 is: the code is the same."""
+    shutil.copy(ROOT / "ann.py", tmp_path / "ann.py")
+    settings = {"EPOCHS": 60, "LR": 0.004}
+    before = runs.code_fingerprint(tmp_path / "ann.py", settings)
+    text = (tmp_path / "ann.py").read_text()
+    (tmp_path / "ann.py").write_text(text.replace("EPOCHS = 60", "EPOCHS = 5"))
+    assert runs.code_fingerprint(tmp_path / "ann.py", settings) == before
+    (tmp_path / "ann.py").write_text(text.replace("model.train()", "model.train(True)"))
+    assert runs.code_fingerprint(tmp_path / "ann.py", settings) != before

@@ -7,7 +7,7 @@ given to predict.py in test_predict.py.
 """
 
 import common
-from plumbing import figures, files
+from plumbing import figures, files, runs
 
 import contextlib
 import json
@@ -30,6 +30,12 @@ import compare
 import predict
 import resnet_transfer as rt
 from conftest import ROOT, SMALL, TINY_RT, one_line, run_cli
+
+
+def held(folder):
+    """The words naming the weights model.pt holds, as the record on disk names them (by their fingerprint)."""
+    state = torch.load(folder / "model.pt", weights_only=True)
+    return runs.weights_held(json.loads((folder / "metrics.json").read_text()), state)[0]
 
 
 def first_epoch_recorded(out, timeout=120):
@@ -72,7 +78,7 @@ def test_ctrl_c_kill_or_hangup_keeps_completed_epochs_and_the_latest_weights(sto
     record = json.loads(metrics[0].read_text())
     assert record["status"] == "interrupted" and len(record["history"]) >= 2
     assert (metrics[0].parent / "curves.png").stat().st_size > 0
-    assert record["model_pt"] == f"weights after epoch {len(record['history'])}"
+    assert held(metrics[0].parent) == f"weights after epoch {len(record['history'])}"
     ann.ANN(dropout=0.1).load_state_dict(torch.load(metrics[0].parent / "model.pt", weights_only=True))
 
 
@@ -110,7 +116,7 @@ def test_ctrl_c_while_the_plots_are_shown_keeps_the_run_completed(real_data_dir,
     assert code == 130 and "Traceback" not in "\n".join(err)
     (metrics,) = tmp_path.glob("*/metrics.json")
     record = json.loads(metrics.read_text())
-    assert record["status"] == "completed" and record["model_pt"].startswith("final weights, as evaluated")
+    assert record["status"] == "completed" and held(metrics.parent).startswith("final weights, as evaluated")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +262,7 @@ def test_a_reader_that_stops_early_stops_the_run_and_keeps_its_weights(real_data
     assert lines[-1].split()[0] == b"1" and process.returncode == 141 and "Traceback" not in err
     (metrics,) = tmp_path.glob("*/metrics.json")
     record = json.loads(metrics.read_text())
-    assert record["status"] == "interrupted" and record["model_pt"] == f"weights after epoch {len(record['history'])}"
+    assert record["status"] == "interrupted" and held(metrics.parent) == f"weights after epoch {len(record['history'])}"
     ann.ANN(dropout=0.1).load_state_dict(torch.load(metrics.parent / "model.pt", weights_only=True))
 
 
@@ -290,7 +296,7 @@ def test_an_error_after_the_first_epoch_keeps_the_weights_and_says_why(real_data
     (metrics,) = tmp_path.glob("*/metrics.json")
     record = json.loads(metrics.read_text())
     assert record["status"] == "failed" and record["error"] == "something broke"
-    assert record["model_pt"] == "weights after epoch 1" and (metrics.parent / "model.pt").exists()
+    assert held(metrics.parent) == "weights after epoch 1"
 
 
 @pytest.mark.figures
@@ -305,7 +311,7 @@ def test_a_figure_that_cannot_be_drawn_leaves_the_run_completed(plot, real_data_
     one_line(err, "not drawn", "No space left on device")
     (metrics,) = tmp_path.glob("*/metrics.json")
     record = json.loads(metrics.read_text())
-    assert record["status"] == "completed" and record["model_pt"].startswith("final weights, as evaluated")
+    assert record["status"] == "completed" and held(metrics.parent).startswith("final weights, as evaluated")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +332,7 @@ def test_sigkill_leaves_the_weights_and_record_of_the_last_finished_epoch(real_d
     process.wait(timeout=60)
     record = json.loads(metrics[0].read_text())
     epochs = len(record["history"])
-    assert record["status"] == "running" and epochs >= 2 and record["model_pt"] == f"weights after epoch {epochs}"
+    assert record["status"] == "running" and epochs >= 2 and held(metrics[0].parent) == f"weights after epoch {epochs}"
     ann.ANN(dropout=0.1).load_state_dict(torch.load(metrics[0].parent / "model.pt", weights_only=True))
 
 
@@ -343,7 +349,8 @@ def test_weights_that_cannot_be_written_still_leave_the_final_accuracies(real_da
     assert code == 2 and "No space left" in err[-1] and "accuracies are recorded" in err[-1]
     (metrics,) = tmp_path.glob("*/metrics.json")
     record = json.loads(metrics.read_text())
-    assert record["status"] == "completed" and 0 < record["final"]["test_acc"] <= 1 and "model_pt" not in record
+    assert record["status"] == "completed" and 0 < record["final"]["test_acc"] <= 1
+    assert "No space left" in record["not_written"]  # the record says what it could not write
 
 
 def test_the_record_holds_the_split_sizes_actually_used(real_data_dir, tmp_path):
@@ -539,7 +546,7 @@ def test_a_stop_while_the_weights_are_renamed_keeps_the_record_true_to_them(real
     (metrics,) = out.glob("*/metrics.json")
     record = json.loads(metrics.read_text())
     assert record["status"] == "interrupted" and len(record["history"]) == 1
-    assert record["model_pt"] == "weights after epoch 1"
+    assert held(metrics.parent) == "weights after epoch 1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,7 +563,7 @@ def test_final_weights_the_disk_refused_are_said_wherever_the_run_is_used(real_d
     resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (200_000, 200_000))  # model.pt takes 1.7 MB
     _, err = process.communicate(timeout=300)
     record = json.loads(next(out.glob("*/metrics.json")).read_text())
-    epoch = int(record["model_pt"].split()[-1])
+    epoch = int(held(next(out.glob("cnn-*"))).split()[-1])
     assert process.returncode == 2 and "File too large" in err and "accuracies are recorded" in err
     assert record["status"] == "completed" and epoch < len(record["history"]) == 4
     run = next(out.glob("cnn-*"))
@@ -679,8 +686,64 @@ def test_a_full_disk_between_the_weights_and_the_record_keeps_them_agreeing(real
     process.send_signal(signal.SIGCONT)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 2 and "No space left" in err and "Traceback" not in err
-    record = json.loads(next(out.glob("*/metrics.json")).read_text())
-    assert record["model_pt"] == "weights after epoch 1" and weights.read_bytes() == epoch_1
+    assert held(weights.parent) == "weights after epoch 1" and weights.read_bytes() == epoch_1
+
+
+def test_a_full_disk_at_the_very_end_still_prints_the_final_accuracies(real_data_dir, small_disk, tmp_path):
+    """The disk fills while the final evaluation runs: the final record cannot be written. The accuracies were
+    computed: they are printed before the record is saved, and the one line says where they are."""
+    out = small_disk / "runs"
+    argv = [sys.executable, "cnn.py", "--subset", "6000", "--val-size", "1000", "--epochs", "1", "--out-dir", str(out)]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_epoch_recorded(out)
+    process.send_signal(signal.SIGSTOP)  # in the final evaluation: 6,000 test images in 10 views each
+    room = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(b"\0" * (room.f_bavail * room.f_frsize))
+    process.send_signal(signal.SIGCONT)
+    out_text, err = process.communicate(timeout=300)
+    assert process.returncode == 2 and "Traceback" not in err
+    one_line(err.strip().splitlines(), "No space left", "metrics.json", "final accuracies are printed above")
+    assert re.search(r"^cnn: train_acc=[\d.]+% val_acc=[\d.]+% test_acc=[\d.]+%", out_text, re.MULTILINE)
+
+
+def test_a_sigkill_between_the_record_and_the_weights_leaves_a_record_naming_the_weights(real_data_dir, tmp_path):
+    """SIGKILL at the one instant where the record of epoch 2 is in place and its weights are not yet: model.pt holds
+    epoch 1's, and the record on disk must name them (it said epoch 2's, and predict.py said so too)."""
+    kill = (
+        "import os, runpy, signal, sys\n"
+        "replace, renames = os.replace, []\n"
+        "def replace_or_die(a, b):\n"
+        "    if str(b).endswith('model.pt'):\n"
+        "        renames.append(b)\n"
+        "        if len(renames) == 2:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return replace(a, b)\n"
+        "os.replace = replace_or_die\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path('ann.py', run_name='__main__')\n"
+    )
+    out = tmp_path / "runs"
+    argv = [sys.executable, "-c", kill, "ann.py", *SMALL, "--epochs", "3", "--out-dir", str(out)]
+    process = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    (metrics,) = out.glob("*/metrics.json")
+    record = json.loads(metrics.read_text())
+    assert record["status"] == "running" and len(record["history"]) == 2
+    assert held(metrics.parent) == "weights after epoch 1"
+    argv = [sys.executable, "predict.py", str(metrics.parent), "--test"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "using its weights after epoch 1" in done.stderr
+
+
+def test_weights_no_epoch_of_the_record_names_are_refused_in_one_line(run_copy, capsys):
+    """A model.pt swapped for another run's of the same model: it fits, but its record never held it."""
+    run = run_copy("ann")
+    state = torch.load(run / "model.pt", weights_only=True)
+    other = {name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    files.save_tensors(run / "model.pt", other)
+    code, err = run_cli(predict, [str(run), "--test"], capsys)
+    assert code == 2
+    one_line(err, "model.pt", "names for no epoch")
 
 
 @pytest.mark.parametrize("delay", [0.06, 0.09, 0.12, 0.2])
