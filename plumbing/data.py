@@ -11,6 +11,7 @@ import functools
 import gzip
 import hashlib
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -122,10 +123,9 @@ def _read_verified(path, name, identity):
         raw = _read_capped(path, name)
     except PermissionError:
         raise UserError(f"{path}: permission denied; make it readable or point --data-dir elsewhere") from None
-    except (OSError, EOFError, gzip.BadGzipFile, ValueError) as error:
+    except (OSError, EOFError, zlib.error, ValueError) as error:  # zlib.error: damage inside the compressed data
         raise UserError(
-            f"{path}: not a readable gzip file ({error}); it is truncated or corrupt: "
-            "delete it and run again to re-download"
+            f"{path}: damaged ({error}); it is truncated or corrupt: delete it and run again to re-download"
         ) from None
     if hashlib.sha256(raw).hexdigest() != FILES[name][1]:
         raise UserError(

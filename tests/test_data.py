@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 import torch
@@ -106,6 +107,21 @@ def test_corrupted_content_is_refused(copied_dir):
     path.write_bytes(gzip.compress(bytes(raw)))
     with pytest.raises(common.UserError, match=r"t10k-labels-idx1-ubyte\.gz.*SHA-256 mismatch"):
         common.load_fashion_mnist(copied_dir)
+
+
+def test_damage_inside_the_compressed_data_is_one_line_naming_the_file(copied_dir, tmp_path, capsys):
+    """A bad sector or a cut download that kept its size: bytes flipped in the middle of the deflate stream, which
+    zlib itself refuses (its own error, not an OSError)."""
+    path = copied_dir / "train-labels-idx1-ubyte.gz"
+    damaged = bytearray(path.read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle : middle + 64] = bytes(b ^ 0xFF for b in damaged[middle : middle + 64])
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(zlib.error):  # the fault, for real
+        gzip.decompress(bytes(damaged))
+    code, err = run_cli(ann, ["--data-dir", str(copied_dir), "--out-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    one_line(err, str(path), "damaged", "re-download")
 
 
 def test_other_dataset_with_the_same_shape_is_refused(copied_dir):
