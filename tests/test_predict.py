@@ -511,3 +511,27 @@ def test_a_record_holding_nan_as_older_records_could_is_read_with_the_loss_missi
     assert "NaN" in (folder / "metrics.json").read_text()
     assert common.run_main(predict.main, [str(folder), "--test"]) == 0
     assert "recorded in the run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, truth",
+    [
+        ("t-shirt.png", "T-shirt/top"),
+        ("T-shirt_top.jpg", "T-shirt/top"),
+        ("tshirt.png", "T-shirt/top"),
+        ("t_shirt.png", "T-shirt/top"),
+        ("shirt.png", "Shirt"),
+        ("my shirts.webp", "Shirt"),
+        ("3_Trouser.png", "Trouser"),
+        ("ankle_boot_2.png", "Ankle boot"),
+        ("Ankle boot.png", "Ankle boot"),
+        ("AnkleBoot.png", "Ankle boot"),
+        ("sneakers.png", "Sneaker"),
+        ("shirt-and-trouser.png", None),  # two classes named: no true label
+        ("t-shirt-or-shirt.png", None),
+        ("bagel.png", None),  # a word that only begins with a class's name
+        ("IMG_0042.jpg", None),
+    ],
+)
+def test_a_class_named_in_a_file_name_is_matched_whole_the_longest_first(name, truth):
+    assert predict.named_class(name) == (None if truth is None else common.CLASSES.index(truth))
