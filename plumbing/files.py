@@ -173,11 +173,29 @@ def load_tensors(path, what, limit):
     tensors = {k: v for k, v in state.items() if torch.is_tensor(v)} if isinstance(state, dict) else {}
     if not tensors or not all(isinstance(name, str) for name in tensors):
         raise UserError(f"{what} {path}: holds no state dict (a dict of parameter names, text, to tensors)")
+    for name, tensor in tensors.items():  # names, shapes and types may fit while the tensor holds no values to use
+        kind = unusable(tensor)
+        if kind:
+            raise UserError(
+                f"{what} {path}: {name} is a {kind} tensor, not a dense one with its values on the CPU: the file is "
+                "damaged or of another kind"
+            )
     return tensors
 
 
-# The types weights may come in (copied into the model's own as they are loaded): no complex numbers, 8-bit floats,
-# quantized or sparse tensors, which the checks below and load_state_dict cannot take.
+def unusable(tensor):
+    """What a loaded tensor is, in a word or two, unless it is what weights and features are: dense and strided,
+    its values in memory on the CPU ("" then). A meta tensor has a shape and no values; a nested one no one shape."""
+    kinds = (
+        ("nested", tensor.is_nested),
+        (str(tensor.layout).removeprefix("torch."), tensor.layout != torch.strided),
+        (tensor.device.type, tensor.device.type != "cpu"),  # meta: a shape without values
+    )
+    return " ".join(kind for kind, applies in kinds if applies)
+
+
+# The types weights may come in (copied into the model's own as they are loaded): no complex numbers, 8-bit floats or
+# quantized tensors, which the checks below and load_state_dict cannot take (load_tensors refused sparse ones).
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -205,9 +223,9 @@ def check_state_dict(state, model, what, name):
             )
         value = state[key]
         kinds = FLOATS if tensor.is_floating_point() else INTEGERS
-        if value.layout != torch.strided or value.dtype not in kinds:
+        if value.dtype not in kinds:  # the layout was checked as the file was loaded
             raise UserError(
-                f"{what}: {key} is a {str(value.dtype).removeprefix('torch.')} tensor ({value.layout}) where {name} "
+                f"{what}: {key} is a {str(value.dtype).removeprefix('torch.')} tensor where {name} "
                 f"has {str(tensor.dtype).removeprefix('torch.')}: the weights are damaged or of another kind"
             )
         if value.is_floating_point() and not torch.isfinite(value).all():

@@ -209,11 +209,14 @@ def with_tensor(key, make):
         (with_tensor("features.2.running_var", lambda t: t.to(torch.float8_e4m3fn)), "float8_e4m3fn"),
         (with_tensor("features.0.weight", lambda t: torch.quantize_per_tensor(t, 0.01, 0, torch.qint8)), "qint8"),
         (with_tensor("features.0.weight", lambda t: t.to_sparse()), "sparse"),
+        (with_tensor("features.0.weight", lambda t: t.to("meta")), "meta"),  # right name, shape, type; no values
+        (with_tensor("features.2.running_var", lambda t: torch.nested.nested_tensor([t, t])), "nested"),
         (damaged_weights(lambda state: {**state, 7: torch.zeros(1)}), "holds no state dict"),
     ],
-    ids=["complex", "float8", "qint8", "sparse", "a key that is a number"],
+    ids=["complex", "float8", "qint8", "sparse", "meta", "nested", "a key that is a number"],
 )
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")  # deprecated, but a file may still hold one
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # a prototype, but a file may hold one
 def test_weights_of_a_type_no_check_can_take_are_refused_in_one_line(change, words, runs, tmp_path, capsys):
     folder = broken(runs["cnn"], tmp_path, change)
     code, err = run_cli(predict, [str(folder), "--test"], capsys)

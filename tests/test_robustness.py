@@ -441,15 +441,16 @@ def test_a_model_that_answers_nan_is_refused_naming_the_cause(damage, short_cnn_
     one_line(err, "damaged")
 
 
-@pytest.mark.parametrize("damage", ["float64", "nan", "fifo", "folder"])
+@pytest.mark.parametrize("damage", ["float64", "nan", "meta", "fifo", "folder"])
 def test_a_damaged_feature_cache_is_extracted_again(damage, runs, tmp_path, capsys):
     """The shared transfer run's cache, damaged: the features are extracted again, and train the same head."""
     shared = json.loads((runs["rt"] / "metrics.json").read_text())
     saved = torch.load(shared["feature_cache"], weights_only=True)
     cache = tmp_path / "cache" / Path(shared["feature_cache"]).name
     cache.parent.mkdir()
-    if damage in ("float64", "nan"):
-        change = (lambda t: t.double()) if damage == "float64" else (lambda t: torch.full_like(t, float("nan")))
+    if damage in ("float64", "nan", "meta"):  # meta: the right shape and type, and no values
+        changes = {"float64": lambda t: t.double(), "nan": lambda t: torch.full_like(t, float("nan"))}
+        change = changes.get(damage, lambda t: t.to("meta"))
         torch.save({k: change(v) if torch.is_tensor(v) else v for k, v in saved.items()}, cache)
     else:
         os.mkfifo(cache) if damage == "fifo" else cache.mkdir()
