@@ -3,7 +3,7 @@ Fashion-MNIST's were made (Xiao et al. 2017, section 2): grey, the background (e
 lighting included) subtracted and trimmed, the longest edge resized to 28 px, centred on a 28x28 canvas, light item
 on black."""
 
-from plumbing.stops import UserError
+from plumbing.stops import UserError, shown
 
 import contextlib
 import math
@@ -24,13 +24,6 @@ FORMATS = ["PNG", "JPEG", "BMP", "WEBP"]
 # What Pillow's readers raise on a damaged file besides OSError: a broken PNG chunk is a SyntaxError, an
 # unsupported variant a NotImplementedError, a cut header struct.error, IndexError, TypeError or ValueError.
 READ_ERRORS = (OSError, EOFError, SyntaxError, NotImplementedError, struct.error, IndexError, TypeError, ValueError)
-
-
-def shown(path):
-    """A file name as it can be printed and drawn: bytes that are not UTF-8 as \\xff, other characters that
-    cannot be shown (a newline, say) escaped too, so that every message stays one line."""
-    text = os.fsencode(path).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def image_paths(arguments):

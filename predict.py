@@ -16,6 +16,7 @@ class probabilities, and the true class where it is known (--test, or a file nam
 import common
 from plumbing import files, runs
 from plumbing.settings import expand_path
+from plumbing.stops import shown
 
 import os
 import re
@@ -26,7 +27,6 @@ import numpy as np
 import torch
 
 import photo_prep as photos
-from photo_prep import shown
 
 # --- Settings: each one is also a flag (OUT -> --out).
 OUT = ""  # the figure: a .png, .pdf or .svg file ("" = predictions.png in the run folder)

@@ -86,6 +86,18 @@ class signals_deferred:
                 signal.raise_signal(self.received[0])
 
 
+def shown(text):
+    """Text from a file, or a file's name, as it can be printed and drawn: on one line, and unable to drive the
+    terminal. Bytes of a name that are not UTF-8 become \\xff, and each character that cannot be shown (a newline, the
+    ESC of an escape sequence) its escape (\\n, \\x1b). Text printed escaped once is printed the same again."""
+    text = os.fspath(text) if isinstance(text, os.PathLike) else str(text)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate (JSON may hold one): escaped with the rest below
+        pass
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _out_of_memory(error):
     text, torch = str(error), sys.modules.get("torch")
     return (
@@ -117,8 +129,8 @@ def run_main(main, argv=None, memory=()):
     try:
         main(argv)
         sys.stdout.flush()  # lines still buffered meet a closed pipe or a full disk here, not at exit
-    except UserError as error:
-        print(f"{script}: error: {error}", file=sys.stderr)
+    except UserError as error:  # it may quote a file (a record's settings, a tensor's name): shown, as all such text
+        print(f"{script}: error: {shown(error)}", file=sys.stderr)
         return 2
     except Diverged as error:
         print(f"{script}: error: the loss became NaN or infinite ({error}); try a smaller --lr", file=sys.stderr)

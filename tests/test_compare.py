@@ -502,3 +502,22 @@ def test_identical_gains_on_two_seeds_say_why_there_is_no_verdict(tmp_path, caps
     assert "no spread measured" in rows(lines)["B"]
     assert any(line.startswith("no spread measured: the 95% interval is measured from how") for line in lines)
     assert "n-1" in "\n".join(lines)
+
+
+def test_text_from_a_record_is_printed_with_its_control_characters_visible(tmp_path, capsys):
+    """A shared record whose script, settings, status and folder name hold escape sequences and newlines: printed as
+    they were, they could clear the screen or redraw the table with a verdict compare.py never gave."""
+    fake_row = "\nB  cnn  3  99.00  +9.00 ± 0.10 pt (paired t, n=3): beyond seed noise\x1b[1A"
+    evil = {"script": "cnn\x1b[2J", "EVIL\x1b]0;title\x07": "adam" + fake_row}
+    records = [fake_record(s, 0.90 + s / 1000, **evil) for s in (1, 2)] + [fake_record(s, 0.91, lr=0.2) for s in (1, 2)]
+    unfinished = {**fake_record(3, 0.9), "status": "\x1b[2Krunning\r", "final": None}
+    write_runs(tmp_path / "runs", [*records, unfinished])
+    (tmp_path / "runs" / "run-\x1b[31mred").mkdir()
+    (tmp_path / "runs" / "run-\x1b[31mred" / "metrics.json").write_text("{not json\x1b[2J")
+    lines, err = compare_out(tmp_path / "runs", capsys)
+    for line in lines + err:
+        assert not any(c in line for c in "\x1b\x07\r"), line
+    assert not any(line.startswith("B  cnn  3  99.00") for line in lines)  # the record's text drew no row
+    assert "cnn\\x1b[2J" in rows(lines)["A"] and "\\nB  cnn  3  99.00" in legend(lines)["A"]
+    assert any(line.startswith("not completed") and "\\x1b[2Krunning\\r" in line for line in lines)
+    assert len(err) == 1 and err[0].startswith("warning: skipping run-\\x1b[31mred: ")
