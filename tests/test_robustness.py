@@ -518,6 +518,59 @@ def test_a_stop_after_the_last_line_is_one_line_not_an_ignored_exception(tmp_pat
     assert done.returncode == 130 and done.stderr == "compare.py: interrupted\n"
 
 
+@pytest.mark.parametrize("script", ["compare.py", "cnn.py"])
+def test_a_host_that_runs_a_script_gets_its_own_signal_handlers_back(script, real_data_dir, tmp_path):
+    """IPython's %run, Spyder's runfile, pdb and runpy run a script in a process that goes on: after it, the host's
+    handlers are back, and a real Ctrl-C is the host's KeyboardInterrupt, not the script's exit at once."""
+    host = (
+        "import os, runpy, signal, sys, time\n"
+        "handlers = lambda: [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]\n"
+        "before = handlers()\n"
+        "sys.argv = sys.argv[1:]\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as end:\n"
+        "    print('exit', end.code)\n"
+        "print('same handlers', before == handlers())\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('host interrupted')\n"
+    )
+    (tmp_path / "runs").mkdir()
+    flags = SMALL + ["--data-dir", str(real_data_dir)] if script == "cnn.py" else []
+    argv = [sys.executable, "-c", host, script, *flags, "--out-dir", str(tmp_path / "runs")]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-3:] == ["exit 0", "same handlers True", "host interrupted"]
+
+
+def test_main_in_a_worker_thread_trains_and_records_as_any_run(real_data_dir, tmp_path, capsys):
+    """Streamlit, Gradio or a GUI call main() from a worker thread, where Python installs no signal handler: the run
+    left an empty folder after its first epoch."""
+    import threading
+
+    argv = SMALL + ["--epochs", "2", "--data-dir", str(real_data_dir), "--out-dir", str(tmp_path / "runs")]
+    done, errors = [], []
+
+    def work():
+        try:
+            cnn.main(argv)
+            done.append(True)
+        except BaseException as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(timeout=240)
+    assert done and not errors, errors
+    (metrics,) = (tmp_path / "runs").glob("*/metrics.json")
+    record = json.loads(metrics.read_text())
+    assert record["status"] == "completed" and len(record["history"]) == 2
+    assert capsys.readouterr().err.count("outside the main thread") == 1
+
+
 def test_a_stop_while_the_weights_are_renamed_keeps_the_record_true_to_them(real_data_dir, tmp_path):
     """A slow disk, stood in for by a rename of model.pt that takes 3 s to come back: SIGTERM then. The record was
     written after the weights, so it named no weights while model.pt held epoch 1's."""
