@@ -48,7 +48,12 @@ def load_runs(out_dir):
         raise common.UserError(f"--out-dir {out_dir}: cannot list it ({error.strerror})") from None
     for folder in folders:
         path = folder / "metrics.json"
-        if not path.is_file():  # a folder without a record, or with a pipe or a device in its place
+        try:
+            is_file = path.is_file()
+        except OSError as error:  # a folder we may not look into: the others are still compared
+            print(f"warning: skipping {shown(folder.name)}: cannot look inside it ({error.strerror})", file=sys.stderr)
+            continue
+        if not is_file:  # a folder without a record, or with a pipe or a device in its place
             print(f"warning: skipping {shown(folder.name)}: no metrics.json file", file=sys.stderr)
             continue
         try:

@@ -52,10 +52,14 @@ def _named_folder(data_dir):
 
 
 def find_file(folder, name):
-    for candidate in (folder / name, folder / (name + ".gz")):
-        if candidate.is_file():
-            return candidate
-    return None
+    """The file `name` (decompressed, or .gz) in folder, or None; a folder we may not look into is a UserError."""
+    try:
+        return next((c for c in (folder / name, folder / (name + ".gz")) if c.is_file()), None)
+    except OSError as error:  # pathlib raises PermissionError on a locked folder instead of saying "no such file"
+        raise UserError(
+            f"{folder}: cannot look inside it ({error.strerror}); fix its permissions, or point --data-dir at the "
+            "folder that holds the data files"
+        ) from None
 
 
 def _download(folder):

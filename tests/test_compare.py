@@ -17,7 +17,7 @@ import pytest
 
 import ann
 import compare
-from conftest import ROOT, one_line, png_size, run_cli
+from conftest import ROOT, as_nobody, one_line, png_size, run_cli
 
 
 def fake_record(seed, test_acc, lr=0.1, val_acc=None, script="cnn", **hparams):
@@ -521,3 +521,15 @@ def test_text_from_a_record_is_printed_with_its_control_characters_visible(tmp_p
     assert "cnn\\x1b[2J" in rows(lines)["A"] and "\\nB  cnn  3  99.00" in legend(lines)["A"]
     assert any(line.startswith("not completed") and "\\x1b[2Krunning\\r" in line for line in lines)
     assert len(err) == 1 and err[0].startswith("warning: skipping run-\\x1b[31mred: ")
+
+
+def test_a_run_folder_we_may_not_look_into_is_named_and_passed_over(public_dir):
+    """pathlib's is_file raises PermissionError on a locked folder: one locked run folder ended compare.py."""
+    runs = public_dir / "runs"
+    write_runs(runs, [fake_record(1, 0.90), fake_record(2, 0.91), fake_record(3, 0.92)])
+    runs.chmod(0o777)  # compare.png is written there
+    (runs / "run-001").chmod(0o700)  # root's alone
+    done = as_nobody([sys.executable, "compare.py", "--out-dir", str(runs)], public_dir)
+    assert done.returncode == 0, done.stderr
+    one_line(done.stderr.strip().splitlines(), "skipping run-001", "cannot look inside it")
+    assert rows(done.stdout.splitlines())["A"].split()[:3] == ["A", "cnn", "2"]

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import ann
-from conftest import ROOT, SMALL, one_line, run_cli
+from conftest import ROOT, SMALL, as_nobody, one_line, run_cli
 
 
 @pytest.fixture
@@ -224,6 +224,20 @@ def test_unreadable_data_folder_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(os, "access", lambda *a: False)  # tests run as root, where chmod does not stop reads
     code, err = run_cli(ann, ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")], capsys)
     assert code == 2 and len(err) == 1 and "not readable" in err[0]
+
+
+def test_a_data_folder_we_may_not_look_into_is_one_line(public_dir):
+    """./data locked (another user's, or chmod'ed): pathlib's is_file raised PermissionError, a traceback."""
+    project = public_dir / "project"
+    project.mkdir()
+    for name in ("ann.py", "common.py"):
+        shutil.copy(ROOT / name, project)
+    shutil.copytree(ROOT / "plumbing", project / "plumbing", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "data").mkdir(mode=0o700)  # root's alone
+    argv = [sys.executable, str(project / "ann.py"), "--out-dir", str(public_dir / "runs")]
+    done = as_nobody(argv, public_dir)
+    assert done.returncode == 2
+    one_line(done.stderr.strip().splitlines(), str(project / "data"), "cannot look inside it", "--data-dir")
 
 
 @pytest.mark.parametrize("holds", ["nothing", "one of the four files"])

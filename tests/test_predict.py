@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from PIL import EpsImagePlugin, Image, PngImagePlugin
 
 import ann
 import predict
-from conftest import ROOT, TRAIN, one_line, run_cli
+from conftest import ROOT, TRAIN, as_nobody, one_line, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -538,3 +539,19 @@ def test_a_record_holding_nan_as_older_records_could_is_read_with_the_loss_missi
 )
 def test_a_class_named_in_a_file_name_is_matched_whole_the_longest_first(name, truth):
     assert predict.named_class(name) == (None if truth is None else common.CLASSES.index(truth))
+
+
+def test_photos_in_a_folder_we_may_not_look_into_are_named_and_the_others_answered(runs, test_images, public_dir):
+    """pathlib's is_dir raises PermissionError under a locked folder: one such photo ended predict.py."""
+    run = shutil.copytree(runs["cnn"], public_dir / "run")
+    images = save_raw(test_images[:1], public_dir / "images")
+    locked = save_raw(test_images[1:2], public_dir / "locked")
+    locked.chmod(0o700)  # root's alone
+    argv = [str(run), str(images / "000.png"), str(locked / "000.png"), str(locked), "--raw"]
+    done = as_nobody([sys.executable, "predict.py", *argv, "--out", str(public_dir / "p.png")], public_dir)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith(f"{images / '000.png'}: ")  # the photo that can be read is answered
+    assert f"{locked}: passed over: cannot list the folder (Permission denied)" in err
+    assert f"{locked / '000.png'}: cannot be read (permission denied); make it readable" in err
+    assert err[-1].endswith("1 of 2 images could not be used (named above)")
