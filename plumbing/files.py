@@ -7,6 +7,7 @@ from plumbing.stops import UserError
 
 import contextlib
 import errno
+import functools
 import io
 import os
 import secrets
@@ -98,19 +99,66 @@ def writable_folder(path, flag):
 
 def write_figure(plot, path, *args):
     """The figure plot(*args), written to path as every output is (atomic_write: a link planted there is replaced,
-    never followed), in matplotlib's default style whatever a matplotlibrc asks (text.usetex would need LaTeX).
-    Whatever stops it (a full disk, a read-only folder, a matplotlib that fails) is a UserError naming the file."""
+    never followed), in matplotlib's default style whatever a matplotlibrc asks (text.usetex would need LaTeX), but
+    in the fonts it names (a CJK font, say). Text those fonts cannot draw (a Chinese or Japanese file name, an
+    emoji) is drawn in a font of the machine that can (legible_text); a character none has is a box, without
+    matplotlib's warning. Whatever stops it (a full disk, a read-only folder, a matplotlib that fails) is a
+    UserError naming the file."""
+    import matplotlib
     import matplotlib.style
 
+    fonts = {k: v for k, v in matplotlib.rcParams.items() if k == "font.family" or k in FONT_LISTS}
     try:
         buffer = io.BytesIO()
-        with matplotlib.style.context("default"):
-            plot(*args).savefig(buffer, format=path.suffix.lstrip(".").lower() or "png")
+        with matplotlib.style.context(["default", fonts, {"text.usetex": False}]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
+            figure = plot(*args)
+            legible_text(figure)
+            figure.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png")
         atomic_write(path, buffer.getvalue())
     except Exception as error:  # atomic_write's UserError included
         reason = str(error).splitlines()[0] if str(error) else ""
         reason = reason if isinstance(error, UserError) else f"{type(error).__name__}: {reason}".rstrip(": ")
         raise UserError(f"{path.name} not drawn ({reason})") from None
+
+
+FONT_LISTS = [f"font.{generic}" for generic in ("sans-serif", "serif", "monospace", "cursive", "fantasy")]
+
+
+def legible_text(figure):
+    """Fonts of the machine that have the characters of the figure's text that its font lacks, added after the
+    fonts it asks for: matplotlib falls back along a text's font family list, glyph by glyph."""
+    from matplotlib import font_manager
+    from matplotlib.text import Text
+
+    for ax in figure.axes:  # tick labels exist once asked for; those made later copy the first one's font
+        ax.get_xticklabels(which="both"), ax.get_yticklabels(which="both")
+    texts = figure.findobj(Text)
+    first = glyphs(font_manager.findfont(font_manager.FontProperties()))
+    missing = {c for t in texts for c in t.get_text() if c.isprintable() and not c.isspace() and ord(c) not in first}
+    extra = {}
+    # matplotlib's own last resort (a box naming the script) only where no real font has the character
+    fonts = sorted(font_manager.fontManager.ttflist, key=lambda f: f.name.startswith("Last Resort"))
+    for c in sorted(missing):
+        font = next((f for f in fonts if ord(c) in glyphs(f.fname)), None)
+        if font is not None:
+            extra[font.name] = True
+    for text in texts if extra else ():
+        text.set_fontfamily(list(dict.fromkeys([*text.get_fontfamily(), *extra])))
+
+
+@functools.cache
+def glyphs(font_path):
+    """The characters (as code points) a font file can draw; none for one matplotlib cannot draw with (a colour
+    emoji font of bitmaps only)."""
+    from matplotlib import font_manager
+
+    try:
+        font = font_manager.get_font(font_path)
+        font.set_size(10, 72)
+        return frozenset(font.get_charmap())
+    except Exception:  # FreeType's errors: the font is passed over
+        return frozenset()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -659,6 +659,44 @@ def test_figures_are_drawn_whatever_a_matplotlibrc_asks(run_copy, tmp_path, monk
         assert figure.read_bytes()[:4] == b"\x89PNG", figure
 
 
+@pytest.mark.figures
+@pytest.mark.parametrize("family", [None, ["DejaVu Serif"]])
+def test_names_no_font_of_the_default_draws_are_drawn_quietly_in_the_users_font(family, tmp_path, monkeypatch, capfd):
+    """Chinese, Japanese and emoji file names in predictions.png: about 20 lines of matplotlib's warnings about
+    missing glyphs, and a font.family a matplotlibrc set (for its CJK font) overridden by the default style."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    if family:
+        monkeypatch.setitem(matplotlib.rcParams, "font.family", family)
+    made = []
+
+    def plot(*args):
+        made.append(predict.plot_predictions(*args))
+        return made[-1]
+
+    names = ["衬衫.png", "シャツ.jpg", "👕 t-shirt.png"]
+    images, probabilities = torch.zeros(3, 1, 28, 28, dtype=torch.uint8), torch.full((3, 10), 0.1)
+    with warnings_recorded() as caught:
+        files.write_figure(plot, tmp_path / "p.png", names, images, probabilities, [None, None, 0])
+    assert not caught and capfd.readouterr().err == ""
+    title = made[0].axes[0].title
+    assert title.get_fontfamily()[0] == (family or ["sans-serif"])[0]  # the user's font comes first
+    fonts = font_manager.fontManager.ttflist
+    cjk = [f.name for f in fonts if not f.name.startswith("Last Resort") and ord("衬") in files.glyphs(f.fname)]
+    if cjk:  # a machine with a CJK font draws the name in it
+        assert set(cjk) & set(title.get_fontfamily())
+
+
+@contextlib.contextmanager
+def warnings_recorded():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
 # ----------------------------------------------------------------------------------------------
 # Round six: a disposition the user chose, a stop while the final record is written, a full disk between the
 # weights and the record, a stop in the first moments
