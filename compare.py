@@ -11,6 +11,7 @@ How groups, the reference and the verdict are formed, and what a verdict means: 
 
 import common
 from plumbing import files, runs
+from plumbing.stops import shown
 
 import json
 import math
@@ -49,17 +50,22 @@ def load_runs(out_dir):
         raise common.UserError(f"--out-dir {out_dir}: cannot list it ({error.strerror})") from None
     for folder in folders:
         path = folder / "metrics.json"
-        if not path.is_file():  # a folder without a record, or with a pipe or a device in its place
-            print(f"warning: skipping {folder.name}: no metrics.json file", file=sys.stderr)
+        try:
+            is_file = path.is_file()
+        except OSError as error:  # a folder we may not look into: the others are still compared
+            print(f"warning: skipping {shown(folder.name)}: cannot look inside it ({error.strerror})", file=sys.stderr)
+            continue
+        if not is_file:  # a folder without a record, or with a pipe or a device in its place
+            print(f"warning: skipping {shown(folder.name)}: no metrics.json file", file=sys.stderr)
             continue
         try:
             record = runs.read_record(path)
         except common.UserError as error:
-            print(f"warning: skipping {folder.name}: {error}", file=sys.stderr)
+            print(f"warning: skipping {shown(folder.name)}: {shown(error)}", file=sys.stderr)
             continue
         if (record.get("final") or {}).get("test_acc") is not None and record["final"].get("val_acc") is None:
             reason = "trained without a validation split (--val-size 0), so there is nothing to judge it on"
-            print(f"warning: skipping {folder.name}: {reason}", file=sys.stderr)
+            print(f"warning: skipping {shown(folder.name)}: {reason}", file=sys.stderr)
             continue
         found.append((folder, record))
     return sorted(found, key=lambda run: run[1].get("started") or "")
@@ -136,12 +142,14 @@ def label(index):
 
 
 def describe(group, names):
-    """The group's script and the settings that differ between groups, as flags are written (lr=0.05, teacher="")."""
-    shown = {name: group.settings[name] for name in names if name in group.settings}
+    """The group's script and the settings that differ between groups, as flags are written (lr=0.05, teacher=""),
+    shown as text from a file is."""
+    differ = {name: group.settings[name] for name in names if name in group.settings}
     settings = " ".join(
-        f"{name.lower()}={value}" if value != "" else f'{name.lower()}=""' for name, value in shown.items()
+        f"{shown(name.lower())}={shown(value)}" if value != "" else f'{shown(name.lower())}=""'
+        for name, value in differ.items()
     )
-    return f"{group.script}, {settings}" if settings else group.script
+    return f"{shown(group.script)}, {settings}" if settings else shown(group.script)
 
 
 def in_order(seeds):
@@ -286,7 +294,7 @@ def table(groups, reference, cells):
         rows.append(
             (
                 group.name,
-                group.script,
+                shown(group.script),
                 str(len(group.seeds)),
                 spread(per_seed(group, "val_acc").values()),
                 spread(per_seed(group, "test_acc").values()),
@@ -361,9 +369,9 @@ def plot(groups, names, reference, most=20):
     )
     for ax in (left, right):
         ax.grid(alpha=0.3, axis="x")
-    shown = ", ".join(group.name for group in drawn)
-    shown += f" ({len(drawn)} of {len(groups)})" if len(drawn) < len(groups) else ""
-    fig.suptitle(f"groups {shown}, as the table judges them (final validation, test-time views)", fontsize=10)
+    letters = ", ".join(group.name for group in drawn)
+    letters += f" ({len(drawn)} of {len(groups)})" if len(drawn) < len(groups) else ""
+    fig.suptitle(f"groups {letters}, as the table judges them (final validation, test-time views)", fontsize=10)
     for text in left.get_yticklabels():
         text.set_parse_math(False)  # a script name or setting from a record is never mathtext
     fig.tight_layout()
@@ -399,7 +407,7 @@ def main(argv=None):
     found = found[-hp.last :] if hp.last else found
     groups = group_runs(found, every)
     unfinished = [
-        f"{folder.name} ({record.get('status', '?')})"
+        f"{shown(folder.name)} ({shown(record.get('status', '?'))})"
         for folder, record in found
         if record.get("status") != "completed" or not record.get("final")
     ]

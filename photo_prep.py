@@ -3,7 +3,7 @@ Fashion-MNIST's were made (Xiao et al. 2017, section 2): grey, the background (e
 lighting included) subtracted and trimmed, the longest edge resized to 28 px, centred on a 28x28 canvas, light item
 on black."""
 
-from plumbing.stops import UserError
+from plumbing.stops import shown
 
 import contextlib
 import math
@@ -26,25 +26,23 @@ FORMATS = ["PNG", "JPEG", "BMP", "WEBP"]
 READ_ERRORS = (OSError, EOFError, SyntaxError, NotImplementedError, struct.error, IndexError, TypeError, ValueError)
 
 
-def shown(path):
-    """A file name as it can be printed and drawn: bytes that are not UTF-8 as \\xff, other characters that
-    cannot be shown (a newline, say) escaped too, so that every message stays one line."""
-    text = os.fsencode(path).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 def image_paths(arguments):
     """(the image files named and those inside the folders named, sorted within each folder; a line for each folder
     saying what in it was passed over: files of other kinds, like a phone's HEIC photos, and folders within)."""
     paths, skipped = [], []
     for argument in map(Path, arguments):
-        if not argument.is_dir():
+        try:
+            folder = argument.is_dir()
+        except OSError:  # in a folder we may not look into: read_image names it, the others are still answered
+            folder = False
+        if not folder:  # a file, or no such file: read_image says which
             paths.append(argument)
             continue
         try:
             entries = sorted(argument.iterdir())
-        except OSError as error:  # an unreadable folder
-            raise UserError(f"{shown(argument)}: cannot list the folder ({error.strerror})") from None
+        except OSError as error:  # a folder we may not list: passed over, the other images are still answered
+            skipped.append(f"{shown(argument)}: passed over: cannot list the folder ({error.strerror})")
+            continue
         paths += [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
         other = [p.name + "/" * p.is_dir() for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
         if other:
@@ -72,6 +70,8 @@ def read_image(path):
                 return ImageOps.exif_transpose(image), None  # phone photos: upright as their camera meant them
     except FileNotFoundError:
         return None, "no such file"
+    except PermissionError:  # the file, or a folder above it, that we may not read
+        return None, "cannot be read (permission denied); make it readable"
     except UnidentifiedImageError:
         return None, "not an image in a format read here (PNG, JPEG, BMP or WebP)"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

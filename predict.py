@@ -16,6 +16,7 @@ class probabilities, and the true class where it is known (--test, or a file nam
 import common
 from plumbing import files, runs
 from plumbing.settings import expand_path
+from plumbing.stops import shown
 
 import importlib
 import os
@@ -27,7 +28,6 @@ import numpy as np
 import torch
 
 import photo_prep as photos
-from photo_prep import shown
 
 # --- Settings: each one is also a flag (OUT -> --out).
 OUT = ""  # the figure: a .png, .pdf or .svg file ("" = predictions.png in the run folder)
@@ -257,14 +257,30 @@ def figure(out, names, images, probabilities, truths, most):
     print(f"figure: {shown(out)}" + (f" (the first {drawn} of {len(names)} images)" if drawn < len(names) else ""))
 
 
+def _class_pattern(name):
+    """A class name as a whole word in a file name: its words joined by one separator or none (ankle_boot,
+    ankleboot), what follows a "/" optional (T-shirt/top: t-shirt), a plural allowed (sneakers, dresses)."""
+    first, *rest = (r"[\W_]?".join(re.findall("[a-z]+", part)) for part in name.lower().split("/"))
+    optional = "".join(r"(?:[\W_]?" + part + ")?" for part in rest)
+    return re.compile(rf"(?<![a-z]){first}{optional}(?:e?s)?(?![a-z])")
+
+
+CLASS_NAMES = [_class_pattern(name) for name in common.CLASSES]
+
+
 def named_class(path):
-    """The class a file's name ends with, as the README's export names test images (3_Trouser.png), or None."""
-    words = re.findall(r"[a-z]+", Path(path).stem.lower())
-    for k, name in enumerate(common.CLASSES):
-        key = re.findall(r"[a-z]+", name.lower())
-        if words[-len(key) :] == key:
-            return k
-    return None
+    """The class a file's name names (3_Trouser.png, as the README's export names test images; t-shirt.png,
+    ankleboot2.jpg, sneakers.webp), or None: none, or two different ones. Longer names are matched first, so that
+    the shirt inside "t-shirt" is no Shirt."""
+    stem, found, taken = Path(path).stem.lower(), set(), []
+    matches = [
+        (m.end() - m.start(), m.start(), m.end(), k) for k, c in enumerate(CLASS_NAMES) for m in c.finditer(stem)
+    ]
+    for _, start, end, k in sorted(matches, reverse=True):
+        if all(end <= s or start >= e for s, e in taken):
+            found.add(k)
+            taken.append((start, end))
+    return found.pop() if len(found) == 1 else None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import functools
 import gzip
 import hashlib
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -52,10 +53,14 @@ def _named_folder(data_dir):
 
 
 def find_file(folder, name):
-    for candidate in (folder / name, folder / (name + ".gz")):
-        if candidate.is_file():
-            return candidate
-    return None
+    """The file `name` (decompressed, or .gz) in folder, or None; a folder we may not look into is a UserError."""
+    try:
+        return next((c for c in (folder / name, folder / (name + ".gz")) if c.is_file()), None)
+    except OSError as error:  # pathlib raises PermissionError on a locked folder instead of saying "no such file"
+        raise UserError(
+            f"{folder}: cannot look inside it ({error.strerror}); fix its permissions, or point --data-dir at the "
+            "folder that holds the data files"
+        ) from None
 
 
 def _download(folder):
@@ -123,10 +128,9 @@ def _read_verified(path, name, identity):
         raw = _read_capped(path, name)
     except PermissionError:
         raise UserError(f"{path}: permission denied; make it readable or point --data-dir elsewhere") from None
-    except (OSError, EOFError, gzip.BadGzipFile, ValueError) as error:
+    except (OSError, EOFError, zlib.error, ValueError) as error:  # zlib.error: damage inside the compressed data
         raise UserError(
-            f"{path}: not a readable gzip file ({error}); it is truncated or corrupt: "
-            "delete it and run again to re-download"
+            f"{path}: damaged ({error}); it is truncated or corrupt: delete it and run again to re-download"
         ) from None
     if hashlib.sha256(raw).hexdigest() != FILES[name][1]:
         raise UserError(

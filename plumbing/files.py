@@ -7,6 +7,7 @@ from plumbing.stops import UserError
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import os
@@ -109,19 +110,66 @@ def writable_folder(path, flag):
 
 def write_figure(plot, path, *args):
     """The figure plot(*args), written to path as every output is (atomic_write: a link planted there is replaced,
-    never followed), in matplotlib's default style whatever a matplotlibrc asks (text.usetex would need LaTeX).
-    Whatever stops it (a full disk, a read-only folder, a matplotlib that fails) is a UserError naming the file."""
+    never followed), in matplotlib's default style whatever a matplotlibrc asks (text.usetex would need LaTeX), but
+    in the fonts it names (a CJK font, say). Text those fonts cannot draw (a Chinese or Japanese file name, an
+    emoji) is drawn in a font of the machine that can (legible_text); a character none has is a box, without
+    matplotlib's warning. Whatever stops it (a full disk, a read-only folder, a matplotlib that fails) is a
+    UserError naming the file."""
+    import matplotlib
     import matplotlib.style
 
+    fonts = {k: v for k, v in matplotlib.rcParams.items() if k == "font.family" or k in FONT_LISTS}
     try:
         buffer = io.BytesIO()
-        with matplotlib.style.context("default"):
-            plot(*args).savefig(buffer, format=path.suffix.lstrip(".").lower() or "png")
+        with matplotlib.style.context(["default", fonts, {"text.usetex": False}]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
+            figure = plot(*args)
+            legible_text(figure)
+            figure.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png")
         atomic_write(path, buffer.getvalue())
     except Exception as error:  # atomic_write's UserError included
         reason = str(error).splitlines()[0] if str(error) else ""
         reason = reason if isinstance(error, UserError) else f"{type(error).__name__}: {reason}".rstrip(": ")
         raise UserError(f"{path.name} not drawn ({reason})") from None
+
+
+FONT_LISTS = [f"font.{generic}" for generic in ("sans-serif", "serif", "monospace", "cursive", "fantasy")]
+
+
+def legible_text(figure):
+    """Fonts of the machine that have the characters of the figure's text that its font lacks, added after the
+    fonts it asks for: matplotlib falls back along a text's font family list, glyph by glyph."""
+    from matplotlib import font_manager
+    from matplotlib.text import Text
+
+    for ax in figure.axes:  # tick labels exist once asked for; those made later copy the first one's font
+        ax.get_xticklabels(which="both"), ax.get_yticklabels(which="both")
+    texts = figure.findobj(Text)
+    first = glyphs(font_manager.findfont(font_manager.FontProperties()))
+    missing = {c for t in texts for c in t.get_text() if c.isprintable() and not c.isspace() and ord(c) not in first}
+    extra = {}
+    # matplotlib's own last resort (a box naming the script) only where no real font has the character
+    fonts = sorted(font_manager.fontManager.ttflist, key=lambda f: f.name.startswith("Last Resort"))
+    for c in sorted(missing):
+        font = next((f for f in fonts if ord(c) in glyphs(f.fname)), None)
+        if font is not None:
+            extra[font.name] = True
+    for text in texts if extra else ():
+        text.set_fontfamily(list(dict.fromkeys([*text.get_fontfamily(), *extra])))
+
+
+@functools.cache
+def glyphs(font_path):
+    """The characters (as code points) a font file can draw; none for one matplotlib cannot draw with (a colour
+    emoji font of bitmaps only)."""
+    from matplotlib import font_manager
+
+    try:
+        font = font_manager.get_font(font_path)
+        font.set_size(10, 72)
+        return frozenset(font.get_charmap())
+    except Exception:  # FreeType's errors: the font is passed over
+        return frozenset()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,11 +232,29 @@ def load_tensors(path, what, limit):
     tensors = {k: v for k, v in state.items() if torch.is_tensor(v)} if isinstance(state, dict) else {}
     if not tensors or not all(isinstance(name, str) for name in tensors):
         raise UserError(f"{what} {path}: holds no state dict (a dict of parameter names, text, to tensors)")
+    for name, tensor in tensors.items():  # names, shapes and types may fit while the tensor holds no values to use
+        kind = unusable(tensor)
+        if kind:
+            raise UserError(
+                f"{what} {path}: {name} is a {kind} tensor, not a dense one with its values on the CPU: the file is "
+                "damaged or of another kind"
+            )
     return tensors
 
 
-# The types weights may come in (copied into the model's own as they are loaded): no complex numbers, 8-bit floats,
-# quantized or sparse tensors, which the checks below and load_state_dict cannot take.
+def unusable(tensor):
+    """What a loaded tensor is, in a word or two, unless it is what weights and features are: dense and strided,
+    its values in memory on the CPU ("" then). A meta tensor has a shape and no values; a nested one no one shape."""
+    kinds = (
+        ("nested", tensor.is_nested),
+        (str(tensor.layout).removeprefix("torch."), tensor.layout != torch.strided),
+        (tensor.device.type, tensor.device.type != "cpu"),  # meta: a shape without values
+    )
+    return " ".join(kind for kind, applies in kinds if applies)
+
+
+# The types weights may come in (copied into the model's own as they are loaded): no complex numbers, 8-bit floats or
+# quantized tensors, which the checks below and load_state_dict cannot take (load_tensors refused sparse ones).
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -216,9 +282,9 @@ def check_state_dict(state, model, what, name):
             )
         value = state[key]
         kinds = FLOATS if tensor.is_floating_point() else INTEGERS
-        if value.layout != torch.strided or value.dtype not in kinds:
+        if value.dtype not in kinds:  # the layout was checked as the file was loaded
             raise UserError(
-                f"{what}: {key} is a {str(value.dtype).removeprefix('torch.')} tensor ({value.layout}) where {name} "
+                f"{what}: {key} is a {str(value.dtype).removeprefix('torch.')} tensor where {name} "
                 f"has {str(tensor.dtype).removeprefix('torch.')}: the weights are damaged or of another kind"
             )
         if value.is_floating_point() and not torch.isfinite(value).all():

@@ -17,8 +17,21 @@ HANDLED = [signal.SIGINT, *STOP_SIGNALS]
 
 def handle(handlers):
     """Install {signal: handler}, but leave a signal that is ignored (SIG_IGN: `nohup`, a background job) ignored.
-    Returns the handlers replaced, to put back."""
-    return {s: signal.signal(s, h) for s, h in handlers.items() if signal.getsignal(s) is not signal.SIG_IGN}
+    Returns the handlers replaced, to put back. Outside the main thread (main() called by a GUI's or a web app's
+    worker) Python installs none: nothing is, the program around it keeps its own, and that is said once."""
+    try:
+        return {s: signal.signal(s, h) for s, h in handlers.items() if signal.getsignal(s) is not signal.SIG_IGN}
+    except ValueError:  # "signal only works in main thread": the first install failed, so none was made
+        if not _said_not_main:
+            _said_not_main.append(True)
+            print(
+                "note: running outside the main thread: Ctrl-C and stop signals are left to the program around it",
+                file=sys.stderr,
+            )
+        return {}
+
+
+_said_not_main = []
 
 
 def stopped_line(signum):
@@ -33,11 +46,24 @@ def _quiet_exit(signum, frame):
 
 
 def _program_is_ours():
-    """Whether the program running is one of the project's scripts, tools or benchmarks: not the test suite, nor a
-    program of the user's that imports a script (its Ctrl-C stays its own)."""
-    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    """Whether the program running is one of the project's scripts, tools or benchmarks, run alone (`python cnn.py`,
+    `python -m`): the process ends when it does. Not the test suite, nor a program of the user's that imports a
+    script, nor a host that runs one and goes on (IPython's %run, Jupyter, runpy, pdb, Spyder's runfile): there
+    Ctrl-C stays the host's."""
+    main = sys.modules.get("__main__")
+    file = getattr(main, "__file__", None)
     here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-    return main is not None and os.path.dirname(os.path.realpath(main)) in (here, os.path.join(here, "benchmarks"))
+    if file is None or os.path.dirname(os.path.realpath(file)) not in (here, os.path.join(here, "benchmarks")):
+        return False
+    frame = sys._getframe()
+    while frame is not None and frame.f_globals is not vars(main):  # the program's own code
+        frame = frame.f_back
+    if frame is None:
+        return False
+    below = []  # what runs the program: nothing, or runpy for `python -m`; a host has frames of its own
+    while (frame := frame.f_back) is not None:
+        below.append(frame.f_globals.get("__name__"))
+    return all(name == "runpy" for name in below)
 
 
 if _program_is_ours():  # the guard: from here on, a stop is one line
@@ -86,6 +112,18 @@ class signals_deferred:
                 signal.raise_signal(self.received[0])
 
 
+def shown(text):
+    """Text from a file, or a file's name, as it can be printed and drawn: on one line, and unable to drive the
+    terminal. Bytes of a name that are not UTF-8 become \\xff, and each character that cannot be shown (a newline, the
+    ESC of an escape sequence) its escape (\\n, \\x1b). Text printed escaped once is printed the same again."""
+    text = os.fspath(text) if isinstance(text, os.PathLike) else str(text)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate (JSON may hold one): escaped with the rest below
+        pass
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _out_of_memory(error):
     text, torch = str(error), sys.modules.get("torch")
     return (
@@ -117,8 +155,8 @@ def run_main(main, argv=None, memory=()):
     try:
         main(argv)
         sys.stdout.flush()  # lines still buffered meet a closed pipe or a full disk here, not at exit
-    except UserError as error:
-        print(f"{script}: error: {error}", file=sys.stderr)
+    except UserError as error:  # it may quote a file (a record's settings, a tensor's name): shown, as all such text
+        print(f"{script}: error: {shown(error)}", file=sys.stderr)
         return 2
     except Diverged as error:
         print(f"{script}: error: the loss became NaN or infinite ({error}); try a smaller --lr", file=sys.stderr)
@@ -148,8 +186,8 @@ def run_main(main, argv=None, memory=()):
             advice = "use a smaller " + (", ".join(flags[:-1]) + " or " if len(flags) > 1 else "") + flags[-1]
         print(f"{script}: error: out of memory ({reason}); {advice}", file=sys.stderr)
         return 2
-    finally:
-        for s, handler in previous.items():  # the program's own: after its work a stop ends it quietly
-            ours = getattr(main, "__module__", "") == "__main__" and _program_is_ours()
+    finally:  # a program run alone ends now: a stop ends it quietly; a host (%run, runpy) gets its own back
+        ours = getattr(main, "__module__", "") == "__main__" and _program_is_ours()
+        for s, handler in previous.items():
             signal.signal(s, _quiet_exit if ours else handler)
     return 0

@@ -4,14 +4,18 @@ a script as the command line does.
 Fixtures: `real_data_dir` (the real Fashion-MNIST files), `extracted_dir` (them decompressed, in torchvision's
 layout), `out_dir` (an empty place for run folders), `runs` (one run of each script, trained once) and `run_copy`
 (a copy of one of them, to damage). Figures take most of a small run's time: they are drawn only in tests marked
-`figures` (and in `runs`, which the figure tests read). Helpers: `run_cli`, `one_line`, `settings`, `png_size`.
+`figures` (and in `runs`, which the figure tests read). Helpers: `run_cli`, `one_line`, `settings`, `png_size`,
+`as_nobody` (in `public_dir`).
 """
 
 import argparse
 import gzip
+import os
 import shutil
 import struct
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,6 +57,27 @@ def png_size(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture
+def public_dir():
+    """An empty folder that the user nobody may use (pytest's own are root's alone), for `as_nobody`."""
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def as_nobody(argv, home):
+    """argv run in a subprocess (in the project's folder) as the user nobody, for whom a chmod'ed folder is locked:
+    root, as the tests run here, reads whatever it likes. Skipped where privileges cannot be dropped."""
+    drop = []
+    if os.geteuid() == 0:  # else permissions already hold
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root, without setpriv to drop privileges: permissions would not hold")
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    env = {**os.environ, "HOME": str(home), "MPLCONFIGDIR": str(home)}
+    return subprocess.run(drop + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="session")

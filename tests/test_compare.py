@@ -19,7 +19,7 @@ import pytest
 
 import ann
 import compare
-from conftest import ROOT, SMALL, one_line, png_size, run_cli
+from conftest import ROOT, SMALL, as_nobody, one_line, png_size, run_cli
 
 
 def fake_record(seed, test_acc, lr=0.1, val_acc=None, script="cnn", **hparams):
@@ -541,3 +541,34 @@ def test_a_setting_edited_in_the_file_is_the_same_code_as_its_flag(tmp_path):
     assert runs.code_fingerprint(tmp_path / "ann.py", settings) == before
     (tmp_path / "ann.py").write_text(text.replace("model.train()", "model.train(True)"))
     assert runs.code_fingerprint(tmp_path / "ann.py", settings) != before
+
+
+def test_text_from_a_record_is_printed_with_its_control_characters_visible(tmp_path, capsys):
+    """A shared record whose script, settings, status and folder name hold escape sequences and newlines: printed as
+    they were, they could clear the screen or redraw the table with a verdict compare.py never gave."""
+    fake_row = "\nB  cnn  3  99.00  +9.00 ± 0.10 pt (paired t, n=3): beyond seed noise\x1b[1A"
+    evil = {"script": "cnn\x1b[2J", "EVIL\x1b]0;title\x07": "adam" + fake_row}
+    records = [fake_record(s, 0.90 + s / 1000, **evil) for s in (1, 2)] + [fake_record(s, 0.91, lr=0.2) for s in (1, 2)]
+    unfinished = {**fake_record(3, 0.9), "status": "\x1b[2Krunning\r", "final": None}
+    write_runs(tmp_path / "runs", [*records, unfinished])
+    (tmp_path / "runs" / "run-\x1b[31mred").mkdir()
+    (tmp_path / "runs" / "run-\x1b[31mred" / "metrics.json").write_text("{not json\x1b[2J")
+    lines, err = compare_out(tmp_path / "runs", capsys)
+    for line in lines + err:
+        assert not any(c in line for c in "\x1b\x07\r"), line
+    assert not any(line.startswith("B  cnn  3  99.00") for line in lines)  # the record's text drew no row
+    assert "cnn\\x1b[2J" in rows(lines)["A"] and "\\nB  cnn  3  99.00" in legend(lines)["A"]
+    assert any(line.startswith("not completed") and "\\x1b[2Krunning\\r" in line for line in lines)
+    assert len(err) == 1 and err[0].startswith("warning: skipping run-\\x1b[31mred: ")
+
+
+def test_a_run_folder_we_may_not_look_into_is_named_and_passed_over(public_dir):
+    """pathlib's is_file raises PermissionError on a locked folder: one locked run folder ended compare.py."""
+    runs = public_dir / "runs"
+    write_runs(runs, [fake_record(1, 0.90), fake_record(2, 0.91), fake_record(3, 0.92)])
+    runs.chmod(0o777)  # compare.png is written there
+    (runs / "run-001").chmod(0o700)  # root's alone
+    done = as_nobody([sys.executable, "compare.py", "--out-dir", str(runs)], public_dir)
+    assert done.returncode == 0, done.stderr
+    one_line(done.stderr.strip().splitlines(), "skipping run-001", "cannot look inside it")
+    assert rows(done.stdout.splitlines())["A"].split()[:3] == ["A", "cnn", "2"]

@@ -19,12 +19,13 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 import torch
 
 import ann
-from conftest import ROOT, SMALL, one_line, run_cli
+from conftest import ROOT, SMALL, as_nobody, one_line, run_cli
 
 
 @pytest.fixture
@@ -106,6 +107,21 @@ def test_corrupted_content_is_refused(copied_dir):
     path.write_bytes(gzip.compress(bytes(raw)))
     with pytest.raises(common.UserError, match=r"t10k-labels-idx1-ubyte\.gz.*SHA-256 mismatch"):
         common.load_fashion_mnist(copied_dir)
+
+
+def test_damage_inside_the_compressed_data_is_one_line_naming_the_file(copied_dir, tmp_path, capsys):
+    """A bad sector or a cut download that kept its size: bytes flipped in the middle of the deflate stream, which
+    zlib itself refuses (its own error, not an OSError)."""
+    path = copied_dir / "train-labels-idx1-ubyte.gz"
+    damaged = bytearray(path.read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle : middle + 64] = bytes(b ^ 0xFF for b in damaged[middle : middle + 64])
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(zlib.error):  # the fault, for real
+        gzip.decompress(bytes(damaged))
+    code, err = run_cli(ann, ["--data-dir", str(copied_dir), "--out-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    one_line(err, str(path), "damaged", "re-download")
 
 
 def test_other_dataset_with_the_same_shape_is_refused(copied_dir):
@@ -208,6 +224,20 @@ def test_unreadable_data_folder_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(os, "access", lambda *a: False)  # tests run as root, where chmod does not stop reads
     code, err = run_cli(ann, ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")], capsys)
     assert code == 2 and len(err) == 1 and "not readable" in err[0]
+
+
+def test_a_data_folder_we_may_not_look_into_is_one_line(public_dir):
+    """./data locked (another user's, or chmod'ed): pathlib's is_file raised PermissionError, a traceback."""
+    project = public_dir / "project"
+    project.mkdir()
+    for name in ("ann.py", "common.py"):
+        shutil.copy(ROOT / name, project)
+    shutil.copytree(ROOT / "plumbing", project / "plumbing", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "data").mkdir(mode=0o700)  # root's alone
+    argv = [sys.executable, str(project / "ann.py"), "--out-dir", str(public_dir / "runs")]
+    done = as_nobody(argv, public_dir)
+    assert done.returncode == 2
+    one_line(done.stderr.strip().splitlines(), str(project / "data"), "cannot look inside it", "--data-dir")
 
 
 @pytest.mark.parametrize("holds", ["nothing", "one of the four files"])

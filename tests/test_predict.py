@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from PIL import EpsImagePlugin, Image, PngImagePlugin
 
 import ann
 import predict
-from conftest import ROOT, TRAIN, one_line, run_cli
+from conftest import ROOT, TRAIN, as_nobody, one_line, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -206,11 +207,14 @@ def with_tensor(key, make):
         (with_tensor("features.2.running_var", lambda t: t.to(torch.float8_e4m3fn)), "float8_e4m3fn"),
         (with_tensor("features.0.weight", lambda t: torch.quantize_per_tensor(t, 0.01, 0, torch.qint8)), "qint8"),
         (with_tensor("features.0.weight", lambda t: t.to_sparse()), "sparse"),
+        (with_tensor("features.0.weight", lambda t: t.to("meta")), "meta"),  # right name, shape, type; no values
+        (with_tensor("features.2.running_var", lambda t: torch.nested.nested_tensor([t, t])), "nested"),
         (damaged_weights(lambda state: {**state, 7: torch.zeros(1)}), "holds no state dict"),
     ],
-    ids=["complex", "float8", "qint8", "sparse", "a key that is a number"],
+    ids=["complex", "float8", "qint8", "sparse", "meta", "nested", "a key that is a number"],
 )
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")  # deprecated, but a file may still hold one
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # a prototype, but a file may hold one
 def test_weights_of_a_type_no_check_can_take_are_refused_in_one_line(change, words, runs, tmp_path, capsys):
     folder = broken(runs["cnn"], tmp_path, change)
     code, err = run_cli(predict, [str(folder), "--test"], capsys)
@@ -508,3 +512,43 @@ def test_a_record_holding_nan_as_older_records_could_is_read_with_the_loss_missi
     assert "NaN" in (folder / "metrics.json").read_text()
     assert common.run_main(predict.main, [str(folder), "--test"]) == 0
     assert "recorded in the run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, truth",
+    [
+        ("t-shirt.png", "T-shirt/top"),
+        ("T-shirt_top.jpg", "T-shirt/top"),
+        ("tshirt.png", "T-shirt/top"),
+        ("t_shirt.png", "T-shirt/top"),
+        ("shirt.png", "Shirt"),
+        ("my shirts.webp", "Shirt"),
+        ("3_Trouser.png", "Trouser"),
+        ("ankle_boot_2.png", "Ankle boot"),
+        ("Ankle boot.png", "Ankle boot"),
+        ("AnkleBoot.png", "Ankle boot"),
+        ("sneakers.png", "Sneaker"),
+        ("shirt-and-trouser.png", None),  # two classes named: no true label
+        ("t-shirt-or-shirt.png", None),
+        ("bagel.png", None),  # a word that only begins with a class's name
+        ("IMG_0042.jpg", None),
+    ],
+)
+def test_a_class_named_in_a_file_name_is_matched_whole_the_longest_first(name, truth):
+    assert predict.named_class(name) == (None if truth is None else common.CLASSES.index(truth))
+
+
+def test_photos_in_a_folder_we_may_not_look_into_are_named_and_the_others_answered(runs, test_images, public_dir):
+    """pathlib's is_dir raises PermissionError under a locked folder: one such photo ended predict.py."""
+    run = shutil.copytree(runs["cnn"], public_dir / "run")
+    images = save_raw(test_images[:1], public_dir / "images")
+    locked = save_raw(test_images[1:2], public_dir / "locked")
+    locked.chmod(0o700)  # root's alone
+    argv = [str(run), str(images / "000.png"), str(locked / "000.png"), str(locked), "--raw"]
+    done = as_nobody([sys.executable, "predict.py", *argv, "--out", str(public_dir / "p.png")], public_dir)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith(f"{images / '000.png'}: ")  # the photo that can be read is answered
+    assert f"{locked}: passed over: cannot list the folder (Permission denied)" in err
+    assert f"{locked / '000.png'}: cannot be read (permission denied); make it readable" in err
+    assert err[-1].endswith("1 of 2 images could not be used (named above)")

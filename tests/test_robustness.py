@@ -448,15 +448,16 @@ def test_a_model_that_answers_nan_is_refused_naming_the_cause(damage, short_cnn_
     one_line(err, "damaged")
 
 
-@pytest.mark.parametrize("damage", ["float64", "nan", "fifo", "folder"])
+@pytest.mark.parametrize("damage", ["float64", "nan", "meta", "fifo", "folder"])
 def test_a_damaged_feature_cache_is_extracted_again(damage, runs, tmp_path, capsys):
     """The shared transfer run's cache, damaged: the features are extracted again, and train the same head."""
     shared = json.loads((runs["rt"] / "metrics.json").read_text())
     saved = torch.load(shared["feature_cache"], weights_only=True)
     cache = tmp_path / "cache" / Path(shared["feature_cache"]).name
     cache.parent.mkdir()
-    if damage in ("float64", "nan"):
-        change = (lambda t: t.double()) if damage == "float64" else (lambda t: torch.full_like(t, float("nan")))
+    if damage in ("float64", "nan", "meta"):  # meta: the right shape and type, and no values
+        changes = {"float64": lambda t: t.double(), "nan": lambda t: torch.full_like(t, float("nan"))}
+        change = changes.get(damage, lambda t: t.to("meta"))
         torch.save({k: change(v) if torch.is_tensor(v) else v for k, v in saved.items()}, cache)
     else:
         os.mkfifo(cache) if damage == "fifo" else cache.mkdir()
@@ -522,6 +523,59 @@ def test_a_stop_after_the_last_line_is_one_line_not_an_ignored_exception(tmp_pat
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.stdout.startswith("no completed runs")
     assert done.returncode == 130 and done.stderr == "compare.py: interrupted\n"
+
+
+@pytest.mark.parametrize("script", ["compare.py", "cnn.py"])
+def test_a_host_that_runs_a_script_gets_its_own_signal_handlers_back(script, real_data_dir, tmp_path):
+    """IPython's %run, Spyder's runfile, pdb and runpy run a script in a process that goes on: after it, the host's
+    handlers are back, and a real Ctrl-C is the host's KeyboardInterrupt, not the script's exit at once."""
+    host = (
+        "import os, runpy, signal, sys, time\n"
+        "handlers = lambda: [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]\n"
+        "before = handlers()\n"
+        "sys.argv = sys.argv[1:]\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as end:\n"
+        "    print('exit', end.code)\n"
+        "print('same handlers', before == handlers())\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('host interrupted')\n"
+    )
+    (tmp_path / "runs").mkdir()
+    flags = SMALL + ["--data-dir", str(real_data_dir)] if script == "cnn.py" else []
+    argv = [sys.executable, "-c", host, script, *flags, "--out-dir", str(tmp_path / "runs")]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-3:] == ["exit 0", "same handlers True", "host interrupted"]
+
+
+def test_main_in_a_worker_thread_trains_and_records_as_any_run(real_data_dir, tmp_path, capsys):
+    """Streamlit, Gradio or a GUI call main() from a worker thread, where Python installs no signal handler: the run
+    left an empty folder after its first epoch."""
+    import threading
+
+    argv = SMALL + ["--epochs", "2", "--data-dir", str(real_data_dir), "--out-dir", str(tmp_path / "runs")]
+    done, errors = [], []
+
+    def work():
+        try:
+            cnn.main(argv)
+            done.append(True)
+        except BaseException as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(timeout=240)
+    assert done and not errors, errors
+    (metrics,) = (tmp_path / "runs").glob("*/metrics.json")
+    record = json.loads(metrics.read_text())
+    assert record["status"] == "completed" and len(record["history"]) == 2
+    assert capsys.readouterr().err.count("outside the main thread") == 1
 
 
 def test_a_stop_while_the_weights_are_renamed_keeps_the_record_true_to_them(real_data_dir, tmp_path):
@@ -610,6 +664,44 @@ def test_figures_are_drawn_whatever_a_matplotlibrc_asks(run_copy, tmp_path, monk
     assert run_cli(ann, SMALL + ["--out-dir", str(tmp_path / "new")], capsys) == (0, [])
     for figure in (run / "predictions.png", run.parent / "compare.png", *(tmp_path / "new").glob("*/curves.png")):
         assert figure.read_bytes()[:4] == b"\x89PNG", figure
+
+
+@pytest.mark.figures
+@pytest.mark.parametrize("family", [None, ["DejaVu Serif"]])
+def test_names_no_font_of_the_default_draws_are_drawn_quietly_in_the_users_font(family, tmp_path, monkeypatch, capfd):
+    """Chinese, Japanese and emoji file names in predictions.png: about 20 lines of matplotlib's warnings about
+    missing glyphs, and a font.family a matplotlibrc set (for its CJK font) overridden by the default style."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    if family:
+        monkeypatch.setitem(matplotlib.rcParams, "font.family", family)
+    made = []
+
+    def plot(*args):
+        made.append(predict.plot_predictions(*args))
+        return made[-1]
+
+    names = ["衬衫.png", "シャツ.jpg", "👕 t-shirt.png"]
+    images, probabilities = torch.zeros(3, 1, 28, 28, dtype=torch.uint8), torch.full((3, 10), 0.1)
+    with warnings_recorded() as caught:
+        files.write_figure(plot, tmp_path / "p.png", names, images, probabilities, [None, None, 0])
+    assert not caught and capfd.readouterr().err == ""
+    title = made[0].axes[0].title
+    assert title.get_fontfamily()[0] == (family or ["sans-serif"])[0]  # the user's font comes first
+    fonts = font_manager.fontManager.ttflist
+    cjk = [f.name for f in fonts if not f.name.startswith("Last Resort") and ord("衬") in files.glyphs(f.fname)]
+    if cjk:  # a machine with a CJK font draws the name in it
+        assert set(cjk) & set(title.get_fontfamily())
+
+
+@contextlib.contextmanager
+def warnings_recorded():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
 
 
 # ----------------------------------------------------------------------------------------------
