@@ -87,7 +87,7 @@ def test_raw_images_are_predicted_as_in_training(runs, test_images, real_data_di
     expected = common.compute_logits(model, data.test[0][:20], amp, hp.tta_flip).softmax(1)
     assert torch.allclose(probabilities, expected, atol=1e-6)
     lines = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r".*000\.png: [\w/ -]+ \d+%, [\w/ -]+ \d+%, [\w/ -]+ \d+%", lines[0])
+    assert re.fullmatch(r".*000\.png: [\w/ -]+ \d+%, [\w/ -]+ \d+%, [\w/ -]+ \d+%", lines[1])  # after the run's
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -100,7 +100,7 @@ def test_bad_images_are_named_and_the_others_predicted(runs, test_images, tmp_pa
     code = common.run_main(predict.main, argv)
     out, err = capsys.readouterr()
     assert code == 2
-    assert len(out.strip().splitlines()) == 3  # two predictions and the figure
+    assert len(out.strip().splitlines()) == 4  # the run, two predictions and the figure
     err = [line for line in err.strip().splitlines() if ": warning: " not in line]  # a 28x28 item fills its frame
     assert len(err) == 4 and "Traceback" not in "".join(err)
     assert "notes.png: not an image" in err[1] and "cut.jpg: is cut short" in err[0]
@@ -342,8 +342,8 @@ def test_any_file_name_is_printed_and_drawn(runs, test_images, tmp_path):
     )
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")
     out = result.stdout.decode().splitlines()
-    assert len(out) == 5 and out[-1].startswith("figure: ")  # four predictions and the figure
-    assert {line.split(": ")[0].removeprefix(str(folder) + "/") for line in out[:-1]} == {
+    assert len(out) == 6 and out[-1].startswith("figure: ")  # the run, four predictions and the figure
+    assert {line.split(": ")[0].removeprefix(str(folder) + "/") for line in out[1:-1]} == {
         "000.png",
         "price $^$.png",
         "\\xff.png",
