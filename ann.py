@@ -20,7 +20,7 @@ LABEL_SMOOTHING = 0.1  # share of each target spread over the other classes, in 
 MAX_SHIFT = 0  # random translation of training images, in pixels (0 = off)
 FLIP = True  # mirror training images left-right at random
 EMA_DECAY = 0.999  # moving average of the weights, evaluated instead of them (0 = off)
-TTA_FLIP = True  # at evaluation, average the predictions on each image and its mirror (off whenever FLIP is)
+TTA_FLIP = True  # at evaluation, average the predictions on each image and its mirror; ignored (off) when FLIP is off
 VAL_SIZE = 5000  # training images held out for validation, class-balanced (0 = train on all 60,000)
 SUBSET = 0  # use only the first N training and N test images, for quick dry runs (0 = all)
 SEED = 0  # seeds initialisation, the validation split, batch order and augmentation

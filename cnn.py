@@ -24,7 +24,7 @@ LABEL_SMOOTHING = 0.1  # share of each target spread over the other classes, in 
 MAX_SHIFT = 1  # random translation of training images, in pixels (0 = off)
 FLIP = True  # mirror training images left-right at random, so that shoes facing right are recognised
 EMA_DECAY = 0.0  # moving average of the weights, evaluated instead of them, in [0, 1) (0 = off)
-TTA_FLIP = True  # at evaluation, average the predictions on each image and its mirror (off whenever FLIP is)
+TTA_FLIP = True  # at evaluation, average the predictions on each image and its mirror; ignored (off) when FLIP is off
 TTA_SHIFT = 1  # final evaluation also averages over views moved 1..N px up, down, left, right (0 = off)
 VAL_SIZE = 5000  # training images held out for validation, class-balanced (0 = train on all 60,000)
 SUBSET = 0  # use only the first N training and N test images, for quick dry runs (0 = all)

@@ -9,7 +9,7 @@ from plumbing import stops  # noqa: F401  first: from here on, a Ctrl-C or a sto
 from plumbing.data import CLASSES, find_fashion_mnist, load_fashion_mnist, read_fashion_mnist  # noqa: F401
 from plumbing.figures import show_plots  # noqa: F401
 from plumbing.runs import TRAIN_SAMPLE, Run  # noqa: F401  (the run folder: its record, weights and figures)
-from plumbing.settings import check_device, has_fast, parse_hparams  # noqa: F401
+from plumbing.settings import check_device, has_fast, import_torchvision, parse_hparams  # noqa: F401
 from plumbing.stops import Diverged, UserError, run_main  # noqa: F401
 
 import collections

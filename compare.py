@@ -337,7 +337,8 @@ def plot(groups, names, reference, most=20):
     """compare.png: what the table judges, for the groups it judges against the reference (with no reference, those
     trained like the first group; at most `most`). Left: each group's final validation accuracy, one dot per seed,
     and its mean. Right: its difference from the reference in points, with the table's 95% interval: beyond seed
-    noise where the interval misses 0."""
+    noise where the interval misses 0; below it, for a paired test, each seed's own difference: seeds may spread
+    far wider than the difference, which is judged seed by seed."""
     from matplotlib.figure import Figure
 
     base = groups[0 if reference is None else reference]
@@ -353,6 +354,14 @@ def plot(groups, names, reference, most=20):
             right.text(0.5, row, words, ha="center", va="center", transform=right.get_yaxis_transform())
             continue
         comparison = compare(group, groups[reference])
+        if comparison.paired:  # what a paired test judges: each seed's own difference, however far apart seeds lie
+            a, b = per_seed(group, "val_acc"), per_seed(groups[reference], "val_acc")
+            for seed in comparison.paired:
+                difference = 100 * (a[seed] - b[seed])
+                right.plot([difference], [row + 0.22], "d", color="tab:purple", alpha=0.6, markersize=5)
+                right.annotate(
+                    str(seed), (difference, row + 0.22), (0, -9), textcoords="offset points", fontsize=6, ha="center"
+                )
         if comparison.half_width is None:
             right.plot([comparison.difference], [row], "x", color="grey")
         else:
@@ -366,6 +375,7 @@ def plot(groups, names, reference, most=20):
     right.axvline(0, color="black", linewidth=0.8)
     right.set_xlabel(
         f"difference from {'the reference' if reference is None else groups[reference].name} (points), 95% interval"
+        "\nbelow it, paired tests: each seed's own difference (diamonds, each over its seed)"
     )
     for ax in (left, right):
         ax.grid(alpha=0.3, axis="x")

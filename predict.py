@@ -1,6 +1,7 @@
 """Use a trained model: what it thinks of your own images, and its accuracy on the official test set again.
 
     python predict.py cnn my_shirt.jpg photos/                   # the latest cnn.py run: top three classes of each
+    python predict.py cnn:best my_shirt.jpg                      # the cnn.py run with the best validation accuracy
     python predict.py runs/cnn-20261125-120000 --test            # that run's test accuracy, recomputed
 
 The model is rebuilt exactly from the run folder: its script's model class with the model_args in metrics.json, the
@@ -8,9 +9,10 @@ weights from model.pt (loaded with weights_only=True: nothing is unpickled), the
 and the same test-time augmentation and precision as the run's test evaluation. Photos are prepared the way
 Fashion-MNIST itself was made (photo_prep.py): grey, the background subtracted and trimmed, the longest edge resized
 to 28 px, centred on a 28x28 canvas, light item on black. Every image gets one of the ten classes: one with nothing
-to classify (blank, a speck, an item cut off at every edge) gets a warning beside its answer. predictions.png (in
-the run folder unless --out says otherwise) shows, for each image, the 28x28 input the model saw beside its ten
-class probabilities, and the true class where it is known (--test, or a file named as the export below names it).
+to classify (blank, a speck, an item cut off at every edge) gets a warning beside its answer and under its image in
+the figure. The figure (a new predictions.png, predictions-2.png, ... in the run folder at each call, unless --out
+names one) shows, for each image, the 28x28 input the model saw beside its ten class probabilities, and the true
+class where it is known (--test, which shows the mistakes first, or a file named as the README's export names it).
 """
 
 import common
@@ -22,6 +24,7 @@ import importlib
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ import torch
 import photo_prep as photos
 
 # --- Settings: each one is also a flag (OUT -> --out).
-OUT = ""  # the figure: a .png, .pdf or .svg file ("" = predictions.png in the run folder)
+OUT = ""  # the figure: a .png, .pdf or .svg file, replaced if there ("" = a new predictions[-N].png in the run folder)
 FIGURE_IMAGES = 16  # the figure shows the first N images: more rows than about 16 are too small to read
 RAW = False  # the images are already 28x28 Fashion-MNIST style (light item on black): use them as they are
 TEST = False  # instead of images, evaluate the model on the official test set and print its accuracy
@@ -75,13 +78,16 @@ def load_images(paths, raw):
     return good, images, warnings
 
 
-def plot_predictions(names, images, probabilities, truths):
+def plot_predictions(names, images, probabilities, truths, warnings):
     """For each image: the 28x28 input the model saw, titled with its answer (and the true class, where known:
-    green when they agree, red when not), beside a bar chart of the ten class probabilities."""
+    green when they agree, red when not) and with its warning (or None) below it, beside a bar chart of the ten
+    class probabilities."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 2.2 * len(names)), dpi=100)
-    for i, (name, image, p, truth) in enumerate(zip(names, images, probabilities, truths, strict=True)):
+    for i, (name, image, p, truth, warning) in enumerate(
+        zip(names, images, probabilities, truths, warnings, strict=True)
+    ):
         ax = fig.add_subplot(len(names), 2, 2 * i + 1)
         # Light on black over the full 0-255 range: as the model sees it, and as the run's misclassified.png shows.
         ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=255)
@@ -90,6 +96,9 @@ def plot_predictions(names, images, probabilities, truths):
         answer += "" if truth is None else f", true: {common.CLASSES[truth]}"
         ax.set_title(answer, fontsize=9, color=colour, parse_math=False)  # "$" in a name is no formula
         ax.axis("off")
+        if warning:
+            words = textwrap.fill(f"warning: {warning}", 48)
+            ax.text(0.5, -0.04, words, transform=ax.transAxes, ha="center", va="top", fontsize=7, color="tab:red")
         ax = fig.add_subplot(len(names), 2, 2 * i + 2)
         ax.barh(range(10), 100 * p.numpy(), color=["tab:blue" if k != p.argmax() else "tab:orange" for k in range(10)])
         ax.set_yticks(range(10), common.CLASSES, fontsize=8)
@@ -206,18 +215,25 @@ def normalization(run):
 
 def main(argv=None):
     positionals = [
-        ("run", {"help": "a run folder, or ann, cnn or resnet_transfer for that script's latest completed run"}),
+        (
+            "run",
+            {
+                "help": "a run folder; or ann, cnn or resnet_transfer: that script's latest completed run; or "
+                "cnn:best (ann:best, ...): its completed run with the highest final validation accuracy"
+            },
+        ),
         ("images", {"nargs": "*", "help": "image files (PNG, JPEG, BMP, WebP) or folders of them"}),
     ]
     hp = common.parse_hparams(globals(), argv, positionals, intermixed=True, checks=CHECKS)  # flags anywhere
     folder = Path(expand_path(hp.run))
-    if hp.run.removesuffix(".py") in runs.RECORDED and not folder.is_dir():  # a script's name: its latest run
-        folder = runs.latest_run(hp.run.removesuffix(".py"))
+    script, _, pick = hp.run.partition(":")
+    if script.removesuffix(".py") in runs.RECORDED and pick in ("", "best") and not folder.is_dir():
+        folder = runs.latest_run(script.removesuffix(".py"), best=pick == "best")
         folder = Path(os.path.relpath(folder)) if not os.path.relpath(folder).startswith("..") else folder
-        print(f"run: {shown(folder)}")
-    out = Path(hp.out or folder / "predictions.png")  # beside the model, out of the way of the photos
-    paths = None if hp.test else input_images(hp.images, out)
+    out = Path(hp.out) if hp.out else None  # None: a new predictions.png in the run folder, beside the model
+    paths = None if hp.test else input_images(hp.images, out or folder / "predictions.png")
     run = load(folder, common.pick_device(hp.device), hp.precision)
+    print(f"run: {shown(folder)} ({about(run)})", flush=True)
     if hp.test:
         subset = run.settings.subset
         _, _, x_test, y_test = common.take_subset(subset, *common.load_fashion_mnist(hp.data_dir or None))
@@ -230,8 +246,10 @@ def main(argv=None):
             recorded = f"recorded in the run: {run.final['test_acc']:.2%}"
             recorded += "" if run.final_weights else ", with its final weights, which were not saved"
         print(f"test accuracy on {images}: {accuracy:.2%} ({recorded})")
-        names = [f"test image {i}" for i in range(len(y_test))]
-        figure(out, names, x_test, logits.softmax(1), y_test.tolist(), hp.figure_images)
+        order = (logits.argmax(1) == y_test).int().argsort(stable=True)  # the mistakes first: they are what teaches
+        names = [f"test image {i}" for i in order.tolist()]
+        probabilities = logits.softmax(1)[order]
+        figure(out or folder, names, x_test[order], probabilities, y_test[order].tolist(), [None] * len(names), hp)
         return accuracy
     good, images, warnings = load_images(paths, hp.raw)
     probabilities = run.logits(images).softmax(1).cpu() if good else None
@@ -241,20 +259,71 @@ def main(argv=None):
         if warning:  # right below its answer: the model answers with one of its ten classes whatever it is shown
             print(f"{shown(path)}: warning: {warning}", file=sys.stderr, flush=True)
     if good:
-        figure(out, good, images, probabilities, [named_class(path) for path in good], hp.figure_images)
+        figure(out or folder, good, images, probabilities, [named_class(path) for path in good], warnings, hp)
     if len(good) < len(paths):
         raise common.UserError(f"{len(paths) - len(good)} of {len(paths)} images could not be used (named above)")
     return probabilities
 
 
-def figure(out, names, images, probabilities, truths, most):
-    """predictions.png: the first `most` images; the answers printed above stand whatever happens to it."""
-    drawn = min(len(names), most)
+# Settings that say where files went, or (EPOCHS) are said otherwise: not what a run's description needs.
+NOT_DESCRIBED = ("EPOCHS", "DATA_DIR", "OUT_DIR", "CACHE_DIR", "SHOW")
+
+
+def about(run):
+    """The run in a few words: its epochs, the settings that differ from its script's defaults, its test accuracy."""
+    script, hparams = importlib.import_module(run.script), run.record["hparams"]
+    done, planned = len(run.record["history"]), hparams.get("EPOCHS")
+    words = f"{done} epoch" + "s" * (planned != 1)
+    words = f"{done} of {planned} epochs, {run.record.get('status')}" if done != planned else words
+    differ = [
+        f"{k.lower()}={v}"
+        for k, v in hparams.items()
+        if k not in NOT_DESCRIBED and hasattr(script, k) and v != getattr(script, k)
+    ]
+    words += f"; {' '.join(differ)}, not {run.script}.py's defaults" if differ else f"; {run.script}.py's defaults"
+    final = "no test accuracy: it did not end" if run.final is None else f"test accuracy {run.final['test_acc']:.2%}"
+    return f"{words}; {final}"
+
+
+def figure(out, names, images, probabilities, truths, warnings, hp):
+    """predictions.png: the first --figure-images images; the answers printed above stand whatever happens to it.
+    `out` is --out, or else the run folder, where each call adds a figure (predictions.png, predictions-2.png, ...)
+    and never replaces one: its name is claimed by creating it (O_EXCL), then the figure is written over it."""
+    drawn = min(len(names), hp.figure_images)
+    claimed = not hp.out
+    path = claim_name(out) if claimed else out
     try:
-        files.write_figure(plot_predictions, out, names[:drawn], images[:drawn], probabilities[:drawn], truths[:drawn])
+        files.write_figure(
+            plot_predictions,
+            path,
+            names[:drawn],
+            images[:drawn],
+            probabilities[:drawn],
+            truths[:drawn],
+            warnings[:drawn],
+        )
     except common.UserError as error:
-        raise common.UserError(f"--out {shown(out)}: {error}") from None
-    print(f"figure: {shown(out)}" + (f" (the first {drawn} of {len(names)} images)" if drawn < len(names) else ""))
+        if claimed:
+            path.unlink(missing_ok=True)  # the empty file that claimed the name
+        raise common.UserError(f"{'' if claimed else '--out '}{shown(path)}: {error}") from None
+    print(f"figure: {shown(path)}" + (f" (the first {drawn} of {len(names)} images)" if drawn < len(names) else ""))
+
+
+def claim_name(folder, most=1000):
+    """A new file predictions.png, else predictions-2.png, ... in `folder`, created empty: the name is then ours,
+    whatever another call of predict.py does at the same moment."""
+    for n in range(1, most + 1):
+        path = folder / ("predictions.png" if n == 1 else f"predictions-{n}.png")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644))
+            return path
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise common.UserError(
+                f"cannot write a figure in {shown(folder)} ({error.strerror}); pass --out FILE"
+            ) from None
+    raise common.UserError(f"{shown(folder)} holds {most} predictions figures; delete some, or pass --out FILE")
 
 
 def _class_pattern(name):

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
+
+torchvision = common.import_torchvision()  # one line, not a traceback, where it was built for another torch
 
 # --- Hyperparameters: each one is also a flag (EPOCHS -> --epochs); `python resnet_transfer.py --help` lists them.
 BACKBONE = "resnet50"  # resnet18 or resnet34 (512 features) or resnet50 (2048 features)

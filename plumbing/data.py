@@ -2,7 +2,7 @@
 the official content, and parsed into uint8 tensors."""
 
 from plumbing import files
-from plumbing.settings import expand_path
+from plumbing.settings import expand_path, import_torchvision
 from plumbing.stops import UserError
 
 import argparse
@@ -64,7 +64,7 @@ def find_file(folder, name):
 
 
 def _download(folder):
-    from torchvision.datasets import FashionMNIST
+    FashionMNIST = import_torchvision().datasets.FashionMNIST
 
     print(f"Fashion-MNIST not found in {folder}; downloading it there with torchvision ...", flush=True)
     try:

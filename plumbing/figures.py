@@ -15,9 +15,10 @@ def confusion_matrix(logits, labels):
     return torch.bincount(10 * labels + logits.argmax(1), minlength=100).view(10, 10)
 
 
-def plot_curves(history, labels, title):
+def plot_curves(history, labels, title, ended=""):
     """Loss and accuracy per epoch: the training batches as they were trained, beside the validation evaluation.
-    `labels` are (training batches, validation), from what the run did."""
+    `labels` are (training batches, validation), from what the run did; `ended` says how a run that did not
+    complete ended, under the title."""
     from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
@@ -30,7 +31,7 @@ def plot_curves(history, labels, title):
         ax.set(xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
         epoch_axis(ax, epochs[-1])
-    fig.suptitle(title)
+    fig.suptitle(title + (f"\n{ended}" if ended else ""), parse_math=False)
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)  # below
     fig.tight_layout(rect=(0, 0.08, 1, 1))  # the plots, above the legend: it covers no point
     return fig
@@ -92,7 +93,8 @@ def plot_misclassified(images, labels, logits, count=24):
         ax.imshow(images[i].float().mean(0).numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predicted[i]]} ({confidence[i]:.0%})", fontsize=8)
         ax.axis("off")
-    fig.suptitle(f"{len(wrong)} most confident mistakes of {int((predicted != labels).sum())}")
+    mistakes = int((predicted != labels).sum())
+    fig.suptitle(f"the {len(wrong)} most confident of {mistakes:,} mistakes among the {len(labels):,} test images")
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, wspace=0.15, hspace=0.55)  # titles clear of images
     return fig
 

@@ -125,7 +125,8 @@ class Run:
         done = len(self.record["history"])
         print(f"{self.script}: {status} after {done} epoch(s); record in {self.dir}", file=sys.stderr)
         if done:
-            self.draw(figures.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name)
+            ended = f"{status} after epoch {done} of {self.epochs}"
+            self.draw(figures.plot_curves, "curves.png", self.record["history"], self.legend, self.dir.name, ended)
         return False
 
     def start_training(self, data, model, evaluated, epochs, views, trained):
@@ -347,18 +348,23 @@ def load_run(folder):
     return run
 
 
-def latest_run(script, out_dir=""):
-    """The folder of the newest completed run of `script` (ann, cnn or resnet_transfer) in OUT_DIR or runs/."""
-    newest = None
+def latest_run(script, out_dir="", best=False):
+    """The folder of the newest completed run of `script` (ann, cnn or resnet_transfer) in OUT_DIR or runs/; with
+    `best`, of the completed run with the highest final validation accuracy (the newest of equals; runs without a
+    validation split are not ranked)."""
+    chosen = None
     for folder in sorted(runs_folder(out_dir).glob(f"{script}-*")):
         with contextlib.suppress(UserError, OSError):
             record = read_record(folder / "metrics.json")
             started = record.get("started") or ""  # a hand-made record may lack it: then it counts as oldest
-            if record.get("status") == "completed" and (newest is None or started >= newest[0]):
-                newest = started, folder
-    if newest is None:
-        raise UserError(f"no completed run of {script}.py in {runs_folder(out_dir)}: train one with python {script}.py")
-    return newest[1]
+            val_acc = (record.get("final") or {}).get("val_acc")
+            key = (val_acc, started) if best else (started,)
+            if record.get("status") == "completed" and None not in key and (chosen is None or key >= chosen[0]):
+                chosen = key, folder
+    if chosen is None:
+        which = "completed run with a validation accuracy" if best else "completed run"
+        raise UserError(f"no {which} of {script}.py in {runs_folder(out_dir)}: train one with python {script}.py")
+    return chosen[1]
 
 
 def load_weights(model, run, name, device):

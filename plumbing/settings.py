@@ -13,6 +13,26 @@ from pathlib import Path
 N_TRAIN = 60_000
 
 
+def import_torchvision():
+    """torchvision, or one line and exit code 2 where it does not load: a torchvision built for another torch fails
+    at import (`operator torchvision::nms does not exist`), which can happen at a script's first line, before any
+    main() could turn it into one line."""
+    try:
+        import torchvision
+    except (ImportError, OSError, RuntimeError) as error:
+        import torch
+
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        print(
+            f"{Path(sys.argv[0]).name}: error: torchvision does not load with torch {torch.__version__} ({reason}); "
+            "install the pair tested, pip install torch==2.14.1 torchvision==0.29.1 (.ci/constraints.txt), "
+            'and check with python -c "import torch, torchvision"',
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    return torchvision
+
+
 def expand_path(text):
     """A folder or file argument, with `~` expanded as a shell would (`~user` only for a user that exists)."""
     try:

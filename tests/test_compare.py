@@ -295,6 +295,23 @@ def test_a_dollar_sign_in_a_script_name_or_setting_is_drawn_as_text(tmp_path, ca
     assert png_size(tmp_path / "compare.png")[0] == 1200
 
 
+@pytest.mark.figures
+@pytest.mark.parametrize("b_seeds, paired", [((1, 2, 3), True), ((4, 5, 6), False)])
+def test_the_figure_shows_each_seeds_own_difference_where_the_test_is_paired(
+    b_seeds, paired, tmp_path, monkeypatch, capsys
+):
+    """The seeds' dots of A and B overlap (a spread of 1 point) while B wins by 0.3-0.4 on every seed: the figure
+    shows the per-seed differences the paired verdict is formed from; an unpaired test has none to show."""
+    figures = drawn_figures(monkeypatch)
+    write_runs(tmp_path, val_gain_records(b_seeds))
+    assert compare_out(tmp_path, capsys)[1] == []
+    right = figures[0].axes[1]
+    diamonds = [line.get_xdata()[0] for line in right.get_lines() if line.get_marker() == "d"]
+    assert [round(d, 2) for d in diamonds] == ([0.3, 0.4, 0.35] if paired else [])
+    assert [t.get_text() for t in right.texts if t.get_text().isdigit()] == (["1", "2", "3"] if paired else [])
+    assert "each seed's own difference" in right.get_xlabel()
+
+
 def test_reference_picks_the_group_the_others_are_compared_against(tmp_path, capsys):
     write_runs(tmp_path, val_gain_records((1, 2, 3)))
     lines, _ = compare_out(tmp_path, capsys, "--reference", "B")

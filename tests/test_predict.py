@@ -88,7 +88,7 @@ def test_raw_images_are_predicted_as_in_training(runs, test_images, real_data_di
     expected = common.compute_logits(model, data.test[0][:20], amp, hp.tta_flip).softmax(1)
     assert torch.allclose(probabilities, expected, atol=1e-6)
     lines = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r".*000\.png: [\w/ -]+ \d+%, [\w/ -]+ \d+%, [\w/ -]+ \d+%", lines[0])
+    assert re.fullmatch(r".*000\.png: [\w/ -]+ \d+%, [\w/ -]+ \d+%, [\w/ -]+ \d+%", lines[1])  # after the run's
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -101,7 +101,7 @@ def test_bad_images_are_named_and_the_others_predicted(runs, test_images, tmp_pa
     code = common.run_main(predict.main, argv)
     out, err = capsys.readouterr()
     assert code == 2
-    assert len(out.strip().splitlines()) == 3  # two predictions and the figure
+    assert len(out.strip().splitlines()) == 4  # the run, two predictions and the figure
     err = [line for line in err.strip().splitlines() if ": warning: " not in line]  # a 28x28 item fills its frame
     assert len(err) == 4 and "Traceback" not in "".join(err)
     assert "notes.png: not an image" in err[1] and "cut.jpg: is cut short" in err[0]
@@ -346,8 +346,8 @@ def test_any_file_name_is_printed_and_drawn(runs, test_images, tmp_path):
     )
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")
     out = result.stdout.decode().splitlines()
-    assert len(out) == 5 and out[-1].startswith("figure: ")  # four predictions and the figure
-    assert {line.split(": ")[0].removeprefix(str(folder) + "/") for line in out[:-1]} == {
+    assert len(out) == 6 and out[-1].startswith("figure: ")  # the run, four predictions and the figure
+    assert {line.split(": ")[0].removeprefix(str(folder) + "/") for line in out[1:-1]} == {
         "000.png",
         "price $^$.png",
         "\\xff.png",
@@ -454,6 +454,7 @@ def test_the_figure_and_the_mistakes_grid_show_images_alike(test_images, tmp_pat
         images,
         torch.full((4, 10), 0.1),
         [None] * 4,
+        [None] * 4,
     )
     logits = torch.zeros(4, 10)
     logits[:, 0] = 5  # all four called class 0, and all four labelled 1: four mistakes
@@ -466,11 +467,46 @@ def test_the_figure_goes_into_the_run_folder_unless_out_says_otherwise(run_copy,
     """By default predictions.png lands beside the model, so predicting a folder twice never reads the last figure
     as one of the photos."""
     folder, run = save_raw(test_images[:3], tmp_path / "images"), run_copy("cnn")
-    for _ in range(2):
-        probabilities = predict.main([str(run), str(folder), "--raw"])
-        assert len(probabilities) == 3
+    probabilities = predict.main([str(run), str(folder), "--raw"])
+    assert len(probabilities) == 3
     assert (run / "predictions.png").read_bytes()[:4] == b"\x89PNG" and len(list(folder.iterdir())) == 3
     assert capsys.readouterr().out.splitlines()[-1] == f"figure: {run / 'predictions.png'}"
+
+
+def test_each_call_adds_a_figure_and_replaces_none_nor_writes_through_a_link(run_copy, test_images, tmp_path, capsys):
+    """The README's two calls in a row: the second figure goes beside the first, named on the last line; a link
+    planted at a free name is passed over, never written through; --out names the one file it replaces."""
+    folder, run = save_raw(test_images[:2], tmp_path / "images"), run_copy("cnn")
+    (run / "predictions.png").write_bytes(b"the first call's figure")
+    (run / "predictions-2.png").symlink_to(tmp_path / "target.png")
+    figures = []
+    for argv in ([], [], ["--out", str(tmp_path / "named.png")]):
+        predict.main([str(run), str(folder), "--raw", *argv])
+        figures.append(capsys.readouterr().out.splitlines()[-1])
+    assert figures == [f"figure: {run / 'predictions-3.png'}", f"figure: {run / 'predictions-4.png'}"] + [
+        f"figure: {tmp_path / 'named.png'}"
+    ]
+    assert (run / "predictions.png").read_bytes() == b"the first call's figure"
+    assert not (tmp_path / "target.png").exists()
+
+
+def test_each_warning_is_drawn_under_its_image():
+    images = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    warnings = [None, "the image is blank or of one colour: there is no item to classify"]
+    fig = predict.plot_predictions(["a.png", "b.png"], images, torch.full((2, 10), 0.1), [None, None], warnings)
+    image_axes = fig.axes[::2]  # image, bars, image, bars
+    drawn = [" ".join(t.get_text().replace("\n", " ").split()) for t in image_axes[1].texts]
+    assert len(image_axes[0].texts) == 0 and drawn == [f"warning: {warnings[1]}"]
+
+
+def test_the_test_figure_shows_the_mistakes_first(runs, tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(files, "write_figure", lambda plot, path, *args: drawn.append(args))
+    accuracy = predict.main([str(runs["cnn"]), "--test", "--out", str(tmp_path / "p.png"), "--figure-images", "5000"])
+    names, _, probabilities, truths, _ = drawn[0]
+    right = [p.argmax().item() == truth for p, truth in zip(probabilities, truths, strict=True)]
+    mistakes = round((1 - accuracy) * 10_000)  # all of them among the first 5,000 drawn
+    assert 0 < mistakes < len(right) and right == [False] * mistakes + [True] * (len(right) - mistakes)
 
 
 def test_a_cnn_prediction_imports_neither_the_other_scripts_nor_torchvision(runs, tmp_path):
@@ -496,10 +532,57 @@ def test_a_scripts_name_stands_for_its_latest_completed_run(runs, tmp_path, monk
         (folder / "metrics.json").write_text(json.dumps({**record, "started": started}))
     monkeypatch.setattr(files, "HERE", tmp_path)
     assert common.run_main(predict.main, ["cnn", "--test", "--out", str(tmp_path / "p.png")]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == f"run: {newer}"
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"run: {newer} (")
     monkeypatch.setattr(files, "HERE", tmp_path / "empty")
     assert common.run_main(predict.main, ["ann", "--test"]) == 2
     one_line(capsys.readouterr().err.strip().splitlines(), "no completed run of ann.py", "python ann.py")
+
+
+def test_cnn_best_is_the_completed_run_with_the_highest_validation_accuracy(runs, tmp_path, monkeypatch, capsys):
+    """Not the newest, nor one that did not complete or has no validation split, however it ranks."""
+    import shutil
+
+    made = {}
+    for name, started, status, val_acc in [
+        ("cnn-a", "2026-01-01T00:00:00", "completed", 0.91),  # the best
+        ("cnn-b", "2026-01-03T00:00:00", "completed", 0.50),  # the newest
+        ("cnn-c", "2026-01-04T00:00:00", "interrupted", 0.99),
+        ("cnn-d", "2026-01-05T00:00:00", "completed", None),  # --val-size 0
+    ]:
+        made[name] = folder = shutil.copytree(runs["cnn"], tmp_path / "runs" / name)
+        record = json.loads((folder / "metrics.json").read_text())
+        record.update(started=started, status=status, final={**record["final"], "val_acc": val_acc})
+        (folder / "metrics.json").write_text(json.dumps(record))
+    monkeypatch.setattr(files, "HERE", tmp_path)
+    for pick, expected in (("cnn:best", "cnn-a"), ("cnn.py:best", "cnn-a"), ("cnn", "cnn-d")):
+        assert common.run_main(predict.main, [pick, "--test", "--out", str(tmp_path / "p.png")]) == 0
+        assert capsys.readouterr().out.splitlines()[0].startswith(f"run: {made[expected]} ("), pick
+    shutil.rmtree(made["cnn-a"]), shutil.rmtree(made["cnn-b"])
+    assert common.run_main(predict.main, ["cnn:best", "--test"]) == 2
+    one_line(capsys.readouterr().err.strip().splitlines(), "no completed run with a validation accuracy of cnn.py")
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({}, "(2 epochs; val_size=2000 subset=12000, not cnn.py's defaults; test accuracy {test})"),
+        ({"LABEL_SMOOTHING": 0.0, "SEED": 3}, "label_smoothing=0.0 val_size=2000 subset=12000 seed=3, not"),
+        ({"EPOCHS": 18, "status": "interrupted"}, "(2 of 18 epochs, interrupted; val_size=2000 subset=12000, not"),
+        ({"SUBSET": 0, "VAL_SIZE": 5000, "OUT_DIR": "elsewhere"}, "(2 epochs; cnn.py's defaults; test accuracy"),
+    ],
+)
+def test_the_run_used_is_named_with_its_epochs_settings_and_test_accuracy(
+    change, words, run_copy, test_images, tmp_path, capsys
+):
+    """What differs from the script's defaults (as its constants now say) is named; where files went is not."""
+    folder, images = run_copy("cnn"), save_raw(test_images[:1], tmp_path / "images")
+    record = json.loads((folder / "metrics.json").read_text())
+    record["hparams"].update({k: v for k, v in change.items() if k.isupper()})
+    record.update({k: v for k, v in change.items() if k.islower()})
+    (folder / "metrics.json").write_text(json.dumps(record))
+    assert common.run_main(predict.main, [str(folder), str(images), "--raw"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"run: {folder} (") and words.format(test=f"{record['final']['test_acc']:.2%}") in first
 
 
 def test_a_record_holding_nan_as_older_records_could_is_read_with_the_loss_missing(run_copy, capsys):

@@ -6,7 +6,7 @@ test_compare.py.
 """
 
 import common
-from plumbing import figures, runs
+from plumbing import figures, files, runs
 
 import json
 import re
@@ -163,3 +163,25 @@ def test_show_opens_the_plots_only_where_asked_and_a_display_exists(real_data_di
     capsys.readouterr()
     ann.main(SMALL + ["--epochs", "1", "--show", "--out-dir", str(tmp_path / "headless")])
     assert shown == [3] and "no display here" in capsys.readouterr().err
+
+
+def test_the_curves_of_a_run_that_did_not_complete_say_how_it_ended(tmp_path, monkeypatch):
+    """Ctrl-C after epoch 1 of 3: curves.png's title says so (a completed run's title is its folder alone)."""
+    titles = []
+    draw = figures.plot_curves
+    monkeypatch.setattr(figures, "plot_curves", lambda *args: titles.append(draw(*args).get_suptitle()))
+    monkeypatch.setattr(files, "write_figure", lambda plot, path, *args: plot(*args))
+    run = common.Run("ann", settings(out_dir=str(tmp_path)), torch.device("cpu"), "fp32")
+    data = common.Splits(*[(torch.zeros(n, 1), None) for n in (1000, 200, 1000)])
+    run.start_training(data, nn.Linear(1, 1), nn.Linear(1, 1), 3, 1, {})
+    run.log_epoch(1, 1.0, 0.5, 1.0, 0.5, 0.1)
+    with pytest.raises(KeyboardInterrupt), run:
+        raise KeyboardInterrupt
+    assert titles == [f"{run.dir.name}\ninterrupted after epoch 1 of 3"]
+
+
+def test_the_mistakes_grid_says_how_many_mistakes_among_how_many_test_images():
+    logits = torch.zeros(10_000, 10)
+    logits[:594, 1] = 5  # 594 labelled 0 and called 1
+    fig = figures.plot_misclassified(torch.zeros(10_000, 1, 28, 28), torch.zeros(10_000, dtype=torch.long), logits)
+    assert fig.get_suptitle() == "the 24 most confident of 594 mistakes among the 10,000 test images"

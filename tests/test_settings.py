@@ -71,8 +71,9 @@ def test_a_float_setting_keeps_a_float_flag_whatever_its_default_is_written_as()
 
 
 def test_tta_flip_without_flip_is_recorded_as_off(real_data_dir, tmp_path):
-    """TTA_FLIP says where it is declared that it is off whenever FLIP is, and the script records it so."""
-    assert "off whenever FLIP is" in Path(cnn.__file__).read_text()
+    """TTA_FLIP says where it is declared (and so in --help) that it is ignored when FLIP is off, in words that cannot
+    be read as "off whenever FLIP is on"; the script records it so."""
+    assert "; ignored (off) when FLIP is off" in Path(cnn.__file__).read_text()
     cnn.main(SMALL + ["--no-flip", "--out-dir", str(tmp_path)])
     (metrics,) = tmp_path.glob("*/metrics.json")
     assert json.loads(metrics.read_text())["hparams"]["TTA_FLIP"] is False

@@ -7,7 +7,9 @@ import common
 from plumbing import files
 
 import json
+import os
 import pickle
+import subprocess
 import sys
 import urllib.error
 
@@ -326,3 +328,20 @@ def test_real_imagenet_features_transfer(real_data_dir, tmp_path):
     (cache,) = (tmp_path / "cache").iterdir()
     assert "efficientnet-lite0-imagenet-64px-fp32" in cache.name
     assert rt.load_backbone is not standin.load_standin and rt.FEATURES["resnet50"] == 2048  # swapped back
+
+
+@pytest.mark.parametrize("argv", [["resnet_transfer.py", "--help"], ["cnn.py", "--data-dir", "{empty}"]])
+def test_a_torchvision_built_for_another_torch_is_one_line_naming_the_pair_to_install(argv, tmp_path):
+    """As pip can install it where the CPU-wheel index is out of reach: `import torchvision` raises this very error.
+    At resnet_transfer.py's first lines, and where cnn.py downloads the data into an empty --data-dir."""
+    fake = tmp_path / "fake" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(empty=tmp_path / "empty") for a in argv]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and "Traceback" not in done.stderr, done.stderr
+    for words in ("torchvision::nms", "torch==2.14.1 torchvision==0.29.1", 'python -c "import torch, torchvision"'):
+        assert words in err[0]
