@@ -4,7 +4,7 @@ predict.py and compare.py alike. docs/run-record.md says what each field means."
 
 from plumbing import figures, files
 from plumbing.settings import check_recorded, has_fast
-from plumbing.stops import Diverged, UserError, signals_deferred
+from plumbing.stops import Diverged, UserError, shown, signals_deferred
 
 import argparse
 import contextlib
@@ -378,10 +378,10 @@ def load_weights(model, run, name, device):
     if run.weights is None:
         raise UserError(f"{path}: holds weights its record names for no epoch (replaced or damaged); train it again")
     if run.record.get("status") != "completed":
-        print(f"note: the run is {run.record.get('status')!r}, not completed; using its {run.weights}", file=sys.stderr)
+        print(f"note: the run is {run.record.get('status')!r}, not completed; using its {shown(run.weights)}", file=sys.stderr)
     elif not run.final_weights:
         print(
-            f"note: the run completed, but its final weights could not be saved: model.pt holds its {run.weights}, "
+            f"note: the run completed, but its final weights could not be saved: model.pt holds its {shown(run.weights)}, "
             "not the weights its accuracies were measured with",
             file=sys.stderr,
         )
