@@ -377,11 +377,12 @@ def load_weights(model, run, name, device):
     run.weights, run.final_weights = weights_held(run.record, state)
     if run.weights is None:
         raise UserError(f"{path}: holds weights its record names for no epoch (replaced or damaged); train it again")
+    words = shown(run.weights)  # an older record's own words
     if run.record.get("status") != "completed":
-        print(f"note: the run is {run.record.get('status')!r}, not completed; using its {shown(run.weights)}", file=sys.stderr)
+        print(f"note: the run is {run.record.get('status')!r}, not completed; using its {words}", file=sys.stderr)
     elif not run.final_weights:
         print(
-            f"note: the run completed, but its final weights could not be saved: model.pt holds its {shown(run.weights)}, "
+            f"note: the run completed, but its final weights could not be saved: model.pt holds its {words}, "
             "not the weights its accuracies were measured with",
             file=sys.stderr,
         )
