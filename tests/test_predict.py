@@ -163,7 +163,7 @@ def set_record(**changes):
         (set_record(script=["cnn"]), "not the record of a run"),
         (set_record(final=5), "no final test accuracy"),
         (set_record(final={"test_acc": "high"}), "test_acc is 'high'"),
-        (lambda f: (f / "model.pt").unlink(), "model.pt: cannot read it"),
+        (lambda f: (f / "model.pt").unlink(), "it saved no weights"),
         (lambda f: (f / "model.pt").write_bytes(b"PK\x03\x04 cut"), "model.pt: not a file written by torch.save"),
         (lambda f: set_record(model_args={"fc_width": 64, "dropout": 0.1})(f), "has shape"),
         (lambda f: set_record(model_args={"fc_width": 64, "depth": 3})(f), "arguments of its model are damaged"),
@@ -178,12 +178,13 @@ def test_a_run_folder_that_is_not_a_completed_run_is_one_line(change, words, run
 
 @pytest.mark.parametrize("final", [None, {"val_acc": 0.5}, 5])  # no final accuracies, or a hand-edited one
 def test_a_stopped_run_is_used_with_the_weights_of_its_last_epoch_and_says_so(final, runs, tmp_path, capsys):
-    stopped = set_record(status="interrupted", final=final, model_pt="weights after epoch 1")
+    stopped = set_record(status="interrupted", final=final)
     folder = broken(runs["ann"], tmp_path, stopped)
+    last = json.loads((folder / "metrics.json").read_text())["history"][-1]["epoch"]
     code = common.run_main(predict.main, [str(folder), "--test"])
     out, err = capsys.readouterr()
     assert code == 0 and "the run recorded none: it did not end" in out
-    one_line(err.strip().splitlines(), "'interrupted'", "weights after epoch 1")
+    one_line(err.strip().splitlines(), "'interrupted'", f"weights after epoch {last}")
 
 
 def damaged_weights(change):
@@ -631,7 +632,7 @@ def test_photos_in_a_folder_we_may_not_look_into_are_named_and_the_others_answer
     done = as_nobody([sys.executable, "predict.py", *argv, "--out", str(public_dir / "p.png")], public_dir)
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert done.stdout.startswith(f"{images / '000.png'}: ")  # the photo that can be read is answered
+    assert f"\n{images / '000.png'}: " in done.stdout  # the photo that can be read is answered
     assert f"{locked}: passed over: cannot list the folder (Permission denied)" in err
     assert f"{locked / '000.png'}: cannot be read (permission denied); make it readable" in err
     assert err[-1].endswith("1 of 2 images could not be used (named above)")

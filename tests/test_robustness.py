@@ -685,7 +685,7 @@ def test_names_no_font_of_the_default_draws_are_drawn_quietly_in_the_users_font(
     names = ["衬衫.png", "シャツ.jpg", "👕 t-shirt.png"]
     images, probabilities = torch.zeros(3, 1, 28, 28, dtype=torch.uint8), torch.full((3, 10), 0.1)
     with warnings_recorded() as caught:
-        files.write_figure(plot, tmp_path / "p.png", names, images, probabilities, [None, None, 0])
+        files.write_figure(plot, tmp_path / "p.png", names, images, probabilities, [None, None, 0], [None] * 3)
     assert not caught and capfd.readouterr().err == ""
     title = made[0].axes[0].title
     assert title.get_fontfamily()[0] == (family or ["sans-serif"])[0]  # the user's font comes first

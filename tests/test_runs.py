@@ -36,6 +36,7 @@ def test_main_runs_end_to_end_and_writes_the_run_folder(script, extra, real_data
         "val_acc",
         "lr",
         "seconds",
+        "weights",  # the fingerprint of the weights saved after the epoch
     }
     assert set(final) == {"train_acc", "val_acc", "test_acc", "test_loss", "seconds"}
     assert 0.3 < final["test_acc"] <= 1  # one epoch on 1000 images is far above chance (0.1)
