@@ -77,6 +77,9 @@ def as_nobody(argv, home):
             pytest.skip("running as root, without setpriv to drop privileges: permissions would not hold")
         drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     env = {**os.environ, "HOME": str(home), "MPLCONFIGDIR": str(home)}
+    probe = [sys.executable, "-c", "import torch; open('common.py').close()"]
+    if drop and subprocess.run(drop + probe, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode:
+        pytest.skip("the user nobody cannot read the project or its Python here (a folder above it is root's alone)")
     return subprocess.run(drop + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
