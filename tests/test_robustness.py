@@ -48,6 +48,20 @@ def first_epoch_recorded(out, timeout=120):
     return record
 
 
+def ann_with_replace(definition):
+    """A program (for python -c) that runs ann.py with os.replace swapped for the one function `definition` defines,
+    which may call the real one as `replace` and count its calls in `calls`: a slow or dying disk, for real."""
+    name = definition.split("(")[0].removeprefix("def ")
+    return (
+        "import os, runpy, signal, sys, time\n"
+        "replace, calls = os.replace, []\n"
+        f"{definition}"
+        f"os.replace = {name}\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path('ann.py', run_name='__main__')\n"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Stopping keeps the work
 
@@ -581,12 +595,8 @@ def test_main_in_a_worker_thread_trains_and_records_as_any_run(real_data_dir, tm
 def test_a_stop_while_the_weights_are_renamed_keeps_the_record_true_to_them(real_data_dir, tmp_path):
     """A slow disk, stood in for by a rename of model.pt that takes 3 s to come back: SIGTERM then. The record was
     written after the weights, so it named no weights while model.pt held epoch 1's."""
-    slow = (
-        "import os, runpy, sys, time\n"
-        "replace = os.replace\n"
-        "os.replace = lambda a, b: (replace(a, b), time.sleep(3) if str(b).endswith('model.pt') else None)[0]\n"
-        "sys.argv = sys.argv[1:]\n"
-        "runpy.run_path('ann.py', run_name='__main__')\n"
+    slow = ann_with_replace(
+        "def replace_then_wait(a, b):\n    replace(a, b)\n    if str(b).endswith('model.pt'):\n        time.sleep(3)\n"
     )
     out = tmp_path / "runs"
     argv = [sys.executable, "-c", slow, "ann.py", *SMALL, "--epochs", "3", "--out-dir", str(out)]
@@ -723,19 +733,14 @@ def test_nohup_keeps_a_run_going_through_a_hangup(real_data_dir, tmp_path):
 
 def test_a_stop_while_the_final_record_is_written_leaves_it_completed(real_data_dir, tmp_path):
     """The completed record's write slowed by 3 s before its rename (a slow disk): SIGTERM then waits for it."""
-    slow = (
-        "import os, runpy, sys, time\n"
-        "replace, calls = os.replace, []\n"
-        "def slow(a, b):\n"
+    slow = ann_with_replace(
+        "def wait_then_replace(a, b):\n"
         "    if str(b).endswith('metrics.json'):\n"
         "        calls.append(b)\n"
         "        if len(calls) == 2:\n"
         "            open(os.environ['FINISHING'], 'w').close()\n"
         "            time.sleep(3)\n"
         "    return replace(a, b)\n"
-        "os.replace = slow\n"
-        "sys.argv = sys.argv[1:]\n"
-        "runpy.run_path('ann.py', run_name='__main__')\n"
     )
     out, finishing = tmp_path / "runs", tmp_path / "finishing"
     argv = [sys.executable, "-c", slow, "ann.py", *SMALL, "--out-dir", str(out)]
@@ -801,18 +806,13 @@ def test_a_full_disk_at_the_very_end_still_prints_the_final_accuracies(real_data
 def test_a_sigkill_between_the_record_and_the_weights_leaves_a_record_naming_the_weights(real_data_dir, tmp_path):
     """SIGKILL at the one instant where the record of epoch 2 is in place and its weights are not yet: model.pt holds
     epoch 1's, and the record on disk must name them (it said epoch 2's, and predict.py said so too)."""
-    kill = (
-        "import os, runpy, signal, sys\n"
-        "replace, renames = os.replace, []\n"
+    kill = ann_with_replace(
         "def replace_or_die(a, b):\n"
         "    if str(b).endswith('model.pt'):\n"
-        "        renames.append(b)\n"
-        "        if len(renames) == 2:\n"
+        "        calls.append(b)\n"
+        "        if len(calls) == 2:\n"
         "            os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return replace(a, b)\n"
-        "os.replace = replace_or_die\n"
-        "sys.argv = sys.argv[1:]\n"
-        "runpy.run_path('ann.py', run_name='__main__')\n"
     )
     out = tmp_path / "runs"
     argv = [sys.executable, "-c", kill, "ann.py", *SMALL, "--epochs", "3", "--out-dir", str(out)]
