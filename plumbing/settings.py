@@ -5,6 +5,7 @@ from plumbing.stops import UserError
 
 import argparse
 import math
+import os
 import re
 import reprlib
 import sys
@@ -207,11 +208,16 @@ def has_fast(dtype, device):
 
     CUDA: bf16 from compute capability 8.0 (Ampere) on, fp16 tensor cores from 7.0 (Volta, Turing: the T4).
     torch.cuda.is_bf16_supported() is no guide: it also answers True where bf16 is only emulated.
-    CPU: bf16 with AVX-512-BF16 or AMX, fp16 with AMX-FP16. MPS: not verified here, so neither."""
+    CPU: bf16 with AVX-512-BF16 or AMX, fp16 with AMX-FP16, unless the kernels are held below them
+    (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 or AVX512_CORE: a newer CPU standing in for an older one,
+    which then emulates 16 bits as that one would). MPS: not verified here, so neither."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= (8 if dtype == "bf16" else 7)
+    held = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2") or not re.search("ALL|DEFAULT|BF16|AMX", held):
+        return False
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == "bf16" else ("_is_amx_fp16_supported",)
     return device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 

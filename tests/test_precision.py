@@ -87,10 +87,24 @@ def test_mps_gets_fp32_refuses_bf16_and_allows_fp16():
 
 def test_the_cpu_gets_bf16_exactly_when_it_has_bf16_units(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # its kernels not held back
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     for has_units in (False, True):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=has_units: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
         assert common.pick_precision("auto", cpu) == ("bf16" if has_units else "fp32")
+
+
+@pytest.mark.parametrize("capability, isa", [("AVX2", "ALL"), ("AVX512", "AVX2"), ("AVX512", "AVX512_CORE")])
+def test_a_cpu_held_below_its_bf16_units_computes_in_fp32_as_the_cpu_it_stands_in_for(capability, isa, monkeypatch):
+    """ATEN_CPU_CAPABILITY (what torch.backends.cpu reports) or ONEDNN_MAX_CPU_ISA, as a newer CPU emulates an
+    older one: auto picks fp32, as that CPU does, not bf16 emulated several times slower."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert common.pick_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert common.pick_precision("auto", torch.device("cpu")) == ("fp32" if capability == "AVX2" else "bf16")
 
 
 def test_16_bits_on_a_cpu_without_their_units_warns_in_one_line_and_runs(real_data_dir, tmp_path, monkeypatch, capsys):
