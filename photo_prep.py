@@ -454,7 +454,9 @@ def resized(array, size, resample=Image.Resampling.BILINEAR, box=None):
 
 def turned(array, angle):
     """A float32 array turned by angle degrees (counter-clockwise), grown to hold all of it, 0 in the corners."""
-    return np.asarray(Image.fromarray(np.ascontiguousarray(array, dtype=np.float32)).rotate(angle, expand=True))
+    # Bilinear: a mirrored photo turns by the opposite angle into the mirror image (nearest pixels would differ).
+    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32))
+    return np.asarray(image.rotate(angle, Image.Resampling.BILINEAR, expand=True))
 
 
 def prepare(image):
@@ -476,8 +478,8 @@ def prepare(image):
         channels = np.stack([turned(channel, found.angle) for channel in channels])
         top, bottom, left, right = box_of(mask) or (0, mask.shape[0], 0, mask.shape[1])
         channels = channels[:, top:bottom, left:right]
-    # Centred on a square of the longest side before shrinking to 28x28, rather than shrunk and then centred on
-    # the canvas: a margin of an odd number of pixels would otherwise put a mirrored item one pixel off. A square
+    # Centred on a square of the longest side before shrinking to 28x28, to the half pixel: an odd margin split into
+    # whole pixels would leave a mirrored item a fraction of a pixel off, and its answer another. A square
     # past 4,096 px a side (a panorama's would take gigabytes) is made of the item box-shrunk to fit it first.
     height, width = channels.shape[1:]
     side = max(height, width)
@@ -485,11 +487,13 @@ def prepare(image):
         size = (max(1, round(width * 4096 / side)), max(1, round(height * 4096 / side)))
         channels = np.stack([resized(c, size, Image.Resampling.BOX) for c in channels])
     height, width = channels.shape[1:]
-    above, before = (max(height, width) - height) // 2, (max(height, width) - width) // 2
     square = max(height, width)
-    channels = np.pad(channels, ((0, 0), (above, square - height - above), (before, square - width - before)))
+    above, before = (square - height + 1) // 2, (square - width + 1) // 2  # an odd margin: half a pixel more
+    channels = np.pad(channels, ((0, 0), (above, above), (before, before)))
+    x0, y0 = before - (square - width) / 2, above - (square - height) / 2  # 0 or 0.5: the square, centred exactly
+    square_box = (x0, y0, x0 + square, y0 + square)
     # Each channel shrunk signed, then the distance over the channels: what goes either way (grain, noise) cancels.
-    canvas = rms(np.stack([resized(c, (28, 28), Image.Resampling.LANCZOS) for c in channels], axis=-1))
+    canvas = rms(np.stack([resized(c, (28, 28), Image.Resampling.LANCZOS, square_box) for c in channels], axis=-1))
     # How far each pixel is from the background, less the 5% that counts as background: light on black, whether
     # the item was darker than its background or lighter. The item's strongest part becomes 255, as measured on
     # a box-filtered copy: LANCZOS overshoots at an edge (the box keeps a little background around the item),
@@ -499,6 +503,6 @@ def prepare(image):
     left_over = found.noise * float(np.mean(found.scale)) * 28 / side
     floor = max(0.05 * 255, 2 * left_over)
     distance = np.clip(canvas - floor, 0, None)
-    boxed = np.stack([resized(c, (28, 28), Image.Resampling.BOX) for c in channels], axis=-1)
-    strongest = rms(boxed).max() - floor
+    boxed = np.stack([resized(c, (28, 28), Image.Resampling.BOX, square_box) for c in channels], axis=-1)
+    strongest = min(rms(boxed).max(), canvas.max()) - floor  # the canvas's own where it has no overshoot
     return (255 * distance / max(strongest, 1)).round().clip(0, 255).astype(np.uint8), found.problem

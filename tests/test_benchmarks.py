@@ -60,7 +60,7 @@ def test_speed_benchmark_quick(real_data_dir, tmp_path, capsys):
 
 
 def test_footwear_benchmark_on_the_default_cnn(runs, tmp_path, capsys):
-    argv = ["--runs", str(runs["cnn"].parent), "--images", "300", "--results", str(tmp_path)]
+    argv = ["--runs", str(runs["cnn"].parent), "--images", "100", "--results", str(tmp_path)]
     code, err = run_cli(importlib.import_module("footwear"), argv, capsys)
     assert code == 0, err
     (group,) = json.loads((tmp_path / "footwear.json").read_text())["groups"]

@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from PIL import EpsImagePlugin, Image, PngImagePlugin
+from PIL import EpsImagePlugin, Image, ImageOps, PngImagePlugin
 
 import ann
 import predict
@@ -56,21 +56,30 @@ def save_photos(images, folder):
     return folder
 
 
-def predicted_classes(output):
-    return [re.match(r".*?: (.+?) \d+%", line).group(1) for line in output.splitlines() if re.search(r"\d+%,", line)]
+def top_answers(output):
+    """(class, percent) of each image's most likely class, as predict.py prints them."""
+    found = [re.match(r".*?: (.+?) (\d+)%,", line) for line in output.splitlines() if re.search(r"\d+%,", line)]
+    return [(match.group(1), int(match.group(2))) for match in found]
 
 
-def test_photos_get_the_same_class_facing_either_way(runs, test_images, tmp_path, capsys):
-    """All of Fashion-MNIST's footwear faces left; the CNN trains with flips and averages each image with its
-    mirror, so a shoe photographed facing right gets the answer it gets facing left (without flips, 31% of
-    mirrored footwear was recognised)."""
+def test_photos_get_the_same_answer_facing_either_way(runs, test_images, tmp_path, capsys):
+    """All of Fashion-MNIST's footwear faces left. A photo is prepared alike when mirrored, and the CNN averages each
+    image with its mirror, so a shoe photographed facing right gets the answer it gets facing left: the same class,
+    the same probability (measured within 1.1 points, seeds 0-4, on AVX2, AVX-512 and bf16 CPUs). Without the mirror
+    averaging 194-197 of the 200 keep their class and the probabilities move by 19-21 points; with the preparation
+    of 9e61f5c (an odd margin all on one side) they moved by up to 12."""
+    photos = save_photos(test_images, tmp_path / "photos")
+    (tmp_path / "mirrored").mkdir()
+    for photo in sorted(photos.iterdir()):  # the same photos, the other way round (as PNG: nothing added by JPEG)
+        ImageOps.mirror(Image.open(photo)).save(tmp_path / "mirrored" / f"{photo.stem}.png")
     out = ["--out", str(tmp_path / "predictions.png")]
-    predict.main([str(runs["cnn"]), str(save_photos(test_images, tmp_path / "photos")), *out])
-    as_they_are = predicted_classes(capsys.readouterr().out)
-    predict.main([str(runs["cnn"]), str(save_photos(test_images.flip(3), tmp_path / "mirrored")), *out])
-    mirrored = predicted_classes(capsys.readouterr().out)
+    predict.main([str(runs["cnn"]), str(photos), *out])
+    as_they_are = top_answers(capsys.readouterr().out)
+    predict.main([str(runs["cnn"]), str(tmp_path / "mirrored"), *out])
+    mirrored = top_answers(capsys.readouterr().out)
     assert len(as_they_are) == len(mirrored) == 200
-    assert sum(a == b for a, b in zip(as_they_are, mirrored, strict=True)) >= 196
+    for (name, percent), (mirrored_name, mirrored_percent) in zip(as_they_are, mirrored, strict=True):
+        assert name == mirrored_name and abs(percent - mirrored_percent) <= 5, (as_they_are, mirrored)
 
 
 @pytest.mark.figures
@@ -514,9 +523,11 @@ def test_a_cnn_prediction_imports_neither_the_other_scripts_nor_torchvision(runs
     """A broken torchvision used to end a CNN prediction in a traceback: predict.py imported every script."""
     code = (
         "import sys\nimport common, predict\n"
-        f"common.run_main(predict.main, [{str(runs['cnn'])!r}, '--test', '--out', {str(tmp_path / 'p.png')!r}])\n"
+        f"common.run_main(predict.main, [{str(runs['cnn'])!r}, '--raw', {str(tmp_path / 'image.png')!r}, "
+        f"'--out', {str(tmp_path / 'p.png')!r}])\n"
         "print(sorted(m for m in ('torchvision', 'resnet_transfer', 'ann') if m in sys.modules))\n"
     )
+    Image.new("L", (28, 28)).save(tmp_path / "image.png")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stderr
 
@@ -532,7 +543,11 @@ def test_a_scripts_name_stands_for_its_latest_completed_run(runs, tmp_path, monk
         record = json.loads((folder / "metrics.json").read_text())
         (folder / "metrics.json").write_text(json.dumps({**record, "started": started}))
     monkeypatch.setattr(files, "HERE", tmp_path)
-    assert common.run_main(predict.main, ["cnn", "--test", "--out", str(tmp_path / "p.png")]) == 0
+    Image.new("L", (28, 28)).save(tmp_path / "image.png")
+    assert (
+        common.run_main(predict.main, ["cnn", "--raw", str(tmp_path / "image.png"), "--out", str(tmp_path / "p.png")])
+        == 0
+    )
     assert capsys.readouterr().out.splitlines()[0].startswith(f"run: {newer} (")
     monkeypatch.setattr(files, "HERE", tmp_path / "empty")
     assert common.run_main(predict.main, ["ann", "--test"]) == 2
@@ -555,8 +570,14 @@ def test_cnn_best_is_the_completed_run_with_the_highest_validation_accuracy(runs
         record.update(started=started, status=status, final={**record["final"], "val_acc": val_acc})
         (folder / "metrics.json").write_text(json.dumps(record))
     monkeypatch.setattr(files, "HERE", tmp_path)
+    Image.new("L", (28, 28)).save(tmp_path / "image.png")  # one image to answer: the pick is all this test reads
     for pick, expected in (("cnn:best", "cnn-a"), ("cnn.py:best", "cnn-a"), ("cnn", "cnn-d")):
-        assert common.run_main(predict.main, [pick, "--test", "--out", str(tmp_path / "p.png")]) == 0
+        assert (
+            common.run_main(
+                predict.main, [pick, "--raw", str(tmp_path / "image.png"), "--out", str(tmp_path / "p.png")]
+            )
+            == 0
+        )
         assert capsys.readouterr().out.splitlines()[0].startswith(f"run: {made[expected]} ("), pick
     shutil.rmtree(made["cnn-a"]), shutil.rmtree(made["cnn-b"])
     assert common.run_main(predict.main, ["cnn:best", "--test"]) == 2

