@@ -148,7 +148,8 @@ def parse_hparams(namespace, argv=None, positionals=(), intermixed=False, checks
     `namespace` is the script's globals(): the constants are the defaults and their trailing comments the
     help. `checks` adds {NAME: (type, check, allowed)} to SETTINGS for a tool's own settings. `positionals` are
     (name, argparse keywords) of arguments that come before the flags, or anywhere among them with `intermixed`.
-    Every value is checked before any work starts.
+    Every value is checked before any work starts. argv None is no flags: the command line is read by run_main
+    alone, so that main() in a notebook, a sweep or an app never takes its host's flags (Jupyter's `-f kernel.json`).
     """
     checks = {**SETTINGS, **(checks or {})}
     script = Path(namespace.get("__file__", "script")).name
@@ -164,7 +165,7 @@ def parse_hparams(namespace, argv=None, positionals=(), intermixed=False, checks
             parser.add_argument(flag(name), default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(flag(name), default=default, type=kind, metavar=name, help=help_text)
-    argv = [hyphenated(arg, flags) for arg in (sys.argv[1:] if argv is None else argv)]
+    argv = [hyphenated(arg, flags) for arg in argv or []]
     hp = parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv)
     for name, value in vars(hp).items():
         _, ok, allowed = checks.get(name.upper(), (None, anything, ""))

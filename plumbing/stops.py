@@ -140,7 +140,8 @@ def _output_gone():
 
 
 def run_main(main, argv=None, memory=()):
-    """Call main(argv) and turn the expected failures into exit codes and one line on stderr.
+    """Call main(argv) and turn the expected failures into exit codes and one line on stderr. argv None: the
+    command line's flags (sys.argv[1:]); main() called from Python reads none of them (a notebook's are its kernel's).
 
     2 user error, out of memory (the advice names the flags in `memory`: the settings that size the script's
     tensors) or an output that cannot be written (stdout on a full disk), 1 diverged, 130 Ctrl-C, 128 + the signal
@@ -153,7 +154,7 @@ def run_main(main, argv=None, memory=()):
             stream.reconfigure(errors="backslashreplace")
     previous = handle({signal.SIGINT: signal.default_int_handler, **dict.fromkeys(STOP_SIGNALS, _stop)})
     try:
-        main(argv)
+        main(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()  # lines still buffered meet a closed pipe or a full disk here, not at exit
     except UserError as error:  # it may quote a file (a record's settings, a tensor's name): shown, as all such text
         print(f"{script}: error: {shown(error)}", file=sys.stderr)

@@ -22,6 +22,18 @@ from conftest import ROOT, SMALL, one_line, run_cli
 # Constants are flags
 
 
+def test_main_called_from_python_takes_no_flags_from_its_hosts_command_line(tmp_path, monkeypatch):
+    """In Jupyter sys.argv is the kernel's: `import ann; ann.main()` parsed `-f kernel-....json` and ended in
+    "unrecognized arguments" before any work. From Python, main() takes the module's constants (edited as a notebook
+    cell would) and its own arguments; the command line is the one run_main passes."""
+    monkeypatch.setattr("sys.argv", ["/opt/venv/lib/ipykernel_launcher.py", "-f", "/root/jupyter/kernel-4f1c.json"])
+    for name, value in {"SUBSET": 1200, "VAL_SIZE": 200, "EPOCHS": 1, "OUT_DIR": str(tmp_path)}.items():
+        monkeypatch.setattr(ann, name, value)
+    assert 0 <= ann.main()["test_acc"] <= 1
+    record = json.loads(next(tmp_path.glob("ann-*/metrics.json")).read_text())
+    assert record["status"] == "completed" and record["hparams"]["SUBSET"] == 1200
+
+
 def test_flags_override_constants_and_defaults_are_the_constants():
     hp = common.parse_hparams(vars(cnn), ["--epochs", "3", "--lr", "0.5", "--no-flip", "--fc-width", "64"])
     assert (hp.epochs, hp.lr, hp.flip, hp.fc_width) == (3, 0.5, False, 64)
