@@ -50,25 +50,20 @@ def load_runs(out_dir):
         raise common.UserError(f"--out-dir {out_dir}: cannot list it ({error.strerror})") from None
     for folder in folders:
         path = folder / "metrics.json"
-        try:
-            is_file = path.is_file()
-        except OSError as error:  # a folder we may not look into: the others are still compared
-            print(f"warning: skipping {shown(folder.name)}: cannot look inside it ({error.strerror})", file=sys.stderr)
-            continue
-        if not is_file:  # a folder without a record, or with a pipe or a device in its place
-            print(f"warning: skipping {shown(folder.name)}: no metrics.json file", file=sys.stderr)
-            continue
-        try:
-            record = runs.read_record(path)
+        try:  # a folder we may not look into, or a damaged record: the others are still compared
+            record = runs.read_record(path) if files.kind(path, "run record") == "file" else None
         except common.UserError as error:
             print(f"warning: skipping {shown(folder.name)}: {shown(error)}", file=sys.stderr)
+            continue
+        if record is None:  # a folder without a record, or with a pipe or a device in its place
+            print(f"warning: skipping {shown(folder.name)}: no metrics.json file", file=sys.stderr)
             continue
         if (record.get("final") or {}).get("test_acc") is not None and record["final"].get("val_acc") is None:
             reason = "trained without a validation split (--val-size 0), so there is nothing to judge it on"
             print(f"warning: skipping {shown(folder.name)}: {reason}", file=sys.stderr)
             continue
         found.append((folder, record))
-    return sorted(found, key=lambda run: run[1].get("started") or "")
+    return sorted(found, key=lambda run: runs.started_at(run[1]))
 
 
 is_number = runs.is_number
@@ -408,10 +403,10 @@ def pick_reference(groups, letter):
 def main(argv=None):
     hp = common.parse_hparams(globals(), argv, checks=CHECKS)
     out_dir = runs.runs_folder(hp.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise common.UserError(f"--out-dir {out_dir} is a file, not a folder; point it at the folder of run folders")
-    if not out_dir.is_dir():
-        raise common.UserError(f"--out-dir {out_dir} does not exist; run a training script first or pass --out-dir")
+    found = files.kind(out_dir, "--out-dir")
+    if found != "folder":
+        problem = "is a file, not a folder; point" if found else "does not exist; run a training script first or pass"
+        raise common.UserError(f"--out-dir {out_dir} {problem} --out-dir at the folder of run folders")
     every = load_runs(out_dir)
     found = [run for run in every if not hp.script or run[1].get("script") == hp.script]
     found = found[-hp.last :] if hp.last else found

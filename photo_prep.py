@@ -44,7 +44,7 @@ def image_paths(arguments):
             skipped.append(f"{shown(argument)}: passed over: cannot list the folder ({error.strerror})")
             continue
         paths += [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
-        other = [p.name + "/" * p.is_dir() for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
+        other = [p.name + "/" * os.path.isdir(p) for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
         if other:
             names = ", ".join(map(shown, other[:3])) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
             skipped.append(f"{shown(argument)}: passed over {len(other)} not PNG, JPEG, BMP or WebP: {names}")

@@ -233,7 +233,7 @@ def main(argv=None):
     out = Path(hp.out) if hp.out else None  # None: a new predictions.png in the run folder, beside the model
     paths = None if hp.test else input_images(hp.images, out or folder / "predictions.png")
     run = load(folder, common.pick_device(hp.device), hp.precision)
-    print(f"run: {shown(folder)} ({about(run)})", flush=True)
+    print(shown(f"run: {folder} ({about(run)})"), flush=True)  # a shared record's words cannot drive the terminal
     if hp.test:
         subset = run.settings.subset
         _, _, x_test, y_test = common.take_subset(subset, *common.load_fashion_mnist(hp.data_dir or None))
@@ -302,9 +302,11 @@ def figure(out, names, images, probabilities, truths, warnings, hp):
             truths[:drawn],
             warnings[:drawn],
         )
-    except common.UserError as error:
+    except BaseException as error:  # a stop while it is drawn included: a figure appears whole or not at all
         if claimed:
             path.unlink(missing_ok=True)  # the empty file that claimed the name
+        if not isinstance(error, common.UserError):
+            raise
         raise common.UserError(f"{'' if claimed else '--out '}{shown(path)}: {error}") from None
     print(f"figure: {shown(path)}" + (f" (the first {drawn} of {len(names)} images)" if drawn < len(names) else ""))
 

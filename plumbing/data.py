@@ -6,7 +6,6 @@ from plumbing.settings import expand_path, import_torchvision
 from plumbing.stops import UserError
 
 import argparse
-import errno
 import functools
 import gzip
 import hashlib
@@ -38,14 +37,10 @@ def _named_folder(data_dir):
         folder = Path(expand_path(data_dir or os.environ["FASHION_MNIST_DIR"]))
     except argparse.ArgumentTypeError as error:
         raise UserError(f"{flag} {error}") from None
-    try:
-        folder.stat()
-    except OSError as error:
-        problem = "is a symlink loop" if error.errno == errno.ELOOP else "does not exist"
-        raise UserError(
-            f"{flag} {folder} {problem}; point it at a folder (it may be empty: the data is downloaded there)"
-        ) from None
-    if not folder.is_dir():
+    found = files.kind(folder, flag)
+    if found is None:
+        raise UserError(f"{flag} {folder} does not exist; point it at a folder (it may be empty: the data goes there)")
+    if found != "folder":
         raise UserError(f"{flag} {folder} is a file, not a folder; point it at the folder that holds the data files")
     if not os.access(folder, os.R_OK | os.X_OK):
         raise UserError(f"{flag} {folder} is not readable; fix its permissions or pick another folder")
@@ -54,13 +49,7 @@ def _named_folder(data_dir):
 
 def find_file(folder, name):
     """The file `name` (decompressed, or .gz) in folder, or None; a folder we may not look into is a UserError."""
-    try:
-        return next((c for c in (folder / name, folder / (name + ".gz")) if c.is_file()), None)
-    except OSError as error:  # pathlib raises PermissionError on a locked folder instead of saying "no such file"
-        raise UserError(
-            f"{folder}: cannot look inside it ({error.strerror}); fix its permissions, or point --data-dir at the "
-            "folder that holds the data files"
-        ) from None
+    return next((c for c in (folder / name, folder / (name + ".gz")) if files.kind(c, "--data-dir") == "file"), None)
 
 
 def _download(folder):

@@ -10,6 +10,7 @@ import errno
 import functools
 import hashlib
 import io
+import logging
 import os
 import secrets
 import stat
@@ -94,9 +95,26 @@ def save_tensors(path, tensors):
     atomic_write(path, tensor_bytes(tensors))
 
 
+def kind(path, what):
+    """What is at path: "file" (a regular one), "folder", "other" (a pipe, a device) or None (nothing). Where it cannot
+    be looked at (a folder above it that may not be searched, a symlink loop: pathlib raises, os.path answers "not
+    there"), a UserError naming `what` and why. The one probe of a path a user names."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the name
+        reason = "a symlink loop" if getattr(error, "errno", None) == errno.ELOOP else getattr(error, "strerror", "")
+        raise UserError(
+            f"{what} {path}: cannot look at it ({reason or 'not a path'}); fix the permissions of the folders it is "
+            "in, or choose another"
+        ) from None
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
 def writable_folder(path, flag):
     """path, created if needed and checked to be a folder we can write to, before any long work uses it."""
-    if path.exists() and not path.is_dir():
+    if kind(path, flag) not in (None, "folder"):
         raise UserError(f"{flag} {path} is a file, not a folder; point {flag} at a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -113,10 +131,12 @@ def write_figure(plot, path, *args):
     never followed), in matplotlib's default style whatever a matplotlibrc asks (text.usetex would need LaTeX), but
     in the fonts it names (a CJK font, say). Text those fonts cannot draw (a Chinese or Japanese file name, an
     emoji) is drawn in a font of the machine that can (legible_text); a character none has is a box, without
-    matplotlib's warning. Whatever stops it (a full disk, a read-only folder, a matplotlib that fails) is a
-    UserError naming the file."""
+    matplotlib's warning; a font the machine lacks gives way to matplotlib's own, without a warning for each text.
+    Whatever stops it (a full disk, a read-only folder, a matplotlib that fails) is a UserError naming the file."""
     import matplotlib
     import matplotlib.style
+
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # "findfont: ... not found", hundreds
 
     fonts = {k: v for k, v in matplotlib.rcParams.items() if k == "font.family" or k in FONT_LISTS}
     try:

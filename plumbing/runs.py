@@ -10,11 +10,14 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import inspect
+import io
 import json
 import os
 import re
 import sys
 import time
+import tokenize
 from pathlib import Path
 
 import torch
@@ -61,25 +64,42 @@ def device_name(device, units=False):
     return f"{model}, {torch.get_num_threads()} threads{bf16}"
 
 
-def script_file(script):
-    """The file of the script that runs: the program itself (a learner's copy of cnn.py included), or `script`.py
-    beside plumbing/ when a script's main() is called from elsewhere (the tests)."""
-    main = getattr(sys.modules.get("__main__"), "__file__", None)
-    return Path(main).resolve() if main and Path(main).resolve().parent == files.HERE else files.HERE / f"{script}.py"
+def source_text(path):
+    """A source file's text ("" where it cannot be read)."""
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+# The modules the scripts share, as this process imported them: a notebook that runs a script again after common.py
+# was edited (`%run ann.py`) runs the common.py it imported first, and its runs are fingerprinted with that one.
+SHARED_CODE = [(p.name, source_text(p)) for p in [files.HERE / "common.py", *sorted(files.HERE.glob("plumbing/*.py"))]]
 
 
 def code_fingerprint(source, settings):
-    """A short hash of the code that ran: the script and the modules it shares (common.py, plumbing/), as airbench
-    keeps its source with its results. The settings' lines count without their values: those are recorded apart,
-    so editing EPOCHS = 5 in the file is the same code as passing --epochs 5."""
-    digest = hashlib.sha256()
-    for path in [source, source.parent / "common.py", *sorted((source.parent / "plumbing").glob("*.py"))]:
-        with contextlib.suppress(OSError):
-            text = path.read_text(errors="replace")
-            if path == source:
-                text = re.sub(rf"(?m)^({'|'.join(map(re.escape, settings))}) *=.*$", r"\1 =", text)
-            digest.update(f"{path.name}\0{text}\0".encode())
+    """A short hash of the code that ran: the script's file and the modules it shares (common.py, plumbing/), as
+    airbench keeps its source with its results. The settings' lines count without their values: those are recorded
+    apart, so editing EPOCHS = 5 in the file is the same code as passing --epochs 5."""
+    text = re.sub(rf"(?m)^({'|'.join(map(re.escape, settings))}) *=.*$", r"\1 =", source_text(source))
+    digest = hashlib.sha256(f"{source.name}\0{text}\0".encode())
+    for name, shared in SHARED_CODE:
+        digest.update(f"{name}\0{shared}\0".encode())
     return digest.hexdigest()[:12]
+
+
+def model_code(model):
+    """A short hash of the code of the model's own classes (those not torch's or torchvision's), comments and blank
+    lines aside: predict.py rebuilds a run's model only from code that is still the same. None where it has no file
+    to read (a class typed into a notebook)."""
+    classes = {type(m) for m in model.modules() if type(m).__module__.partition(".")[0] not in ("torch", "torchvision")}
+    try:
+        sources = [inspect.getsource(c) for c in sorted(classes, key=lambda c: c.__qualname__)]
+    except (OSError, TypeError):
+        return None
+    tokens = tokenize.generate_tokens(io.StringIO("".join(sources)).readline)
+    words = "\0".join(t.string for t in tokens if t.type not in (tokenize.COMMENT, tokenize.NL))
+    return hashlib.sha256(words.encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,13 +113,17 @@ class Run:
 
     def __init__(self, script, hp, device, precision):
         self.script, self.started, self.unsaved = script, time.perf_counter(), None
+        # The file of the code that trained: the one whose main() started the run (a lesson, a learner's copy of it,
+        # and not a sweep or an app that calls the lesson's main()); `script`.py where it has none (a notebook).
+        source = sys._getframe(1).f_globals.get("__file__")
+        source = Path(source).resolve() if source else files.HERE / f"{script}.py"
         hparams, started = (
             {k.upper(): v for k, v in vars(hp).items()},
-            datetime.datetime.now().isoformat("T", "seconds"),
+            datetime.datetime.now().astimezone().isoformat("T", "seconds"),  # local time and its UTC offset
         )
         self.record = dict(script=script, status="running", device=str(device), device_name=device_name(device))
         self.record.update(precision=precision, torch_version=torch.__version__, started=started)
-        self.record.update(hparams=hparams, code=code_fingerprint(script_file(script), hparams), history=[], final=None)
+        self.record.update(hparams=hparams, code=code_fingerprint(source, hparams), history=[], final=None)
         print(f"{script}: device={device} ({device_name(device, units=True)}) precision={precision}")
         print("  " + "  ".join(f"{k.lower()}={v}" for k, v in hparams.items()), flush=True)
         self.dir = new_run_folder(hp.out_dir, script)  # after the flush: an output that fails first (stdout on a
@@ -135,8 +159,8 @@ class Run:
         time views the final evaluation averages; `trained`: {words: whether they apply}, for the curves' legend."""
         sizes = {name: len(split[0]) for name, split in data._asdict().items()}
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.record.update(split_sizes=sizes, trainable_params=params)
         self.model, self.epochs, self.views = getattr(evaluated, "module", evaluated), epochs, views
+        self.record.update(split_sizes=sizes, trainable_params=params, model_code=model_code(self.model))
         self.examples = data.train[0].dim() == 4 and (data.train[0][:30].float().cpu(), data.train[1][:30].cpu())
         # The final evaluation, in epochs: a training image costs about 3 forward passes, each view evaluated 1.
         sample = min(sizes["train"], TRAIN_SAMPLE)
@@ -315,16 +339,21 @@ class SavedRun(argparse.Namespace):
     `model_args` (the arguments the script built its model with, checked; {} in runs from before they were
     recorded)."""
 
+    @property
+    def final(self):
+        final = self.record.get("final")
+        return final if final and final.get("test_acc") is not None else None
+
 
 def load_run(folder):
     """The run in `folder`, its record and the settings a tool needs checked, or a UserError naming what is wrong
     with it. A run that was stopped, or is still training, or whose final weights could not be written, has the
     weights of an earlier epoch: they are used, and that is said."""
     path = folder / "metrics.json"
-    if not os.path.lexists(path):
+    if files.kind(path, "run folder") is None:
         raise UserError(f"{folder}: no metrics.json; pass a run folder (runs/<script>-<date>), or a script's name")
     record = read_record(path)
-    script, status, final = record.get("script"), record.get("status"), record.get("final")
+    script, status = record.get("script"), record.get("status")
     if script not in RECORDED:
         raise UserError(f"{path}: not the record of a run of {', '.join(f'{s}.py' for s in RECORDED)}")
     if not os.path.lexists(folder / "model.pt") or "model_pt" in record and record["model_pt"] is None:
@@ -344,8 +373,16 @@ def load_run(folder):
         raise UserError(f"{path}: the arguments of its model are damaged ({error})") from None
     run = SavedRun(folder=folder, record=record, script=script, settings=settings, model_args=vars(args))
     run.precision = PRECISIONS[record.get("precision", "fp32")]
-    run.final = final if final and final.get("test_acc") is not None else None
     return run
+
+
+def started_at(record):
+    """When the run started, a moment the same in every time zone: the local time its record keeps, with its UTC
+    offset (records from before they kept one: the machine's local time); the oldest one if it has none."""
+    try:
+        return datetime.datetime.fromisoformat(record["started"]).astimezone(datetime.UTC)
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        return datetime.datetime.min.replace(tzinfo=datetime.UTC)
 
 
 def latest_run(script, out_dir="", best=False):
@@ -356,9 +393,8 @@ def latest_run(script, out_dir="", best=False):
     for folder in sorted(runs_folder(out_dir).glob(f"{script}-*")):
         with contextlib.suppress(UserError, OSError):
             record = read_record(folder / "metrics.json")
-            started = record.get("started") or ""  # a hand-made record may lack it: then it counts as oldest
             val_acc = (record.get("final") or {}).get("val_acc")
-            key = (val_acc, started) if best else (started,)
+            key = (val_acc, started_at(record)) if best else (started_at(record),)
             if record.get("status") == "completed" and None not in key and (chosen is None or key >= chosen[0]):
                 chosen = key, folder
     if chosen is None:
@@ -372,9 +408,18 @@ def load_weights(model, run, name, device):
     mode; weights of another model, or damaged ones, are refused in one line. Weights of an earlier epoch than the
     last (a run stopped, or whose final weights could not be written) are used, and that is said."""
     path = run.folder / "model.pt"
+    if run.record.get("model_code", model_code(model)) != model_code(model):  # records from before it: not checked
+        raise UserError(
+            f"{run.folder}: its model ({name}) was trained with other code than there is now (edited since, or "
+            "trained by a copy of the script); put that code back, or train again"
+        )
     state = files.load_tensors(path, f"{run.folder}: model.pt", files.state_bytes(model))
     files.check_state_dict(state, model, str(path), name)
     run.weights, run.final_weights = weights_held(run.record, state)
+    if run.weights is None and run.record.get("status") == "running":  # an epoch saved since its record was read
+        with contextlib.suppress(UserError):
+            run.record = read_record(run.folder / "metrics.json")
+        run.weights, run.final_weights = weights_held(run.record, state)
     if run.weights is None:
         raise UserError(f"{path}: holds weights its record names for no epoch (replaced or damaged); train it again")
     words = shown(run.weights)  # an older record's own words

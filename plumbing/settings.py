@@ -57,7 +57,9 @@ def pixels(text):
 
 
 def is_weights(value):
-    return value in ("DEFAULT", "none") or value.startswith("IMAGENET") or Path(value).is_file()
+    from plumbing import files  # torch, loaded by the time settings are checked
+
+    return value in ("DEFAULT", "none") or value.startswith("IMAGENET") or files.kind(value, "--weights") == "file"
 
 
 # The training scripts' settings: (type, check, what is allowed). The type is the flag's, whatever the default

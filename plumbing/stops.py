@@ -10,6 +10,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 
 STOP_SIGNALS = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])  # no SIGHUP on Windows
 HANDLED = [signal.SIGINT, *STOP_SIGNALS]
@@ -93,19 +94,19 @@ def _stop(signum, frame):
 class signals_deferred:
     """Ctrl-C and the stop signals wait until the block ends: what it writes together (an epoch's weights and the
     record that names them) is never cut in two. One that came meanwhile is raised as the block ends. Entered again
-    inside itself, it defers to the outer block."""
+    inside itself, it defers to the outer block; its depth is each thread's own (two runs in an app's workers)."""
 
-    depth = 0
+    nested = threading.local()
 
     def __enter__(self):
-        self.received = []
-        if signals_deferred.depth == 0:  # counted once installed: a failed install leaves nothing deferred
+        self.received, self.outer = [], not getattr(self.nested, "depth", 0)
+        if self.outer:
             self.previous = handle({s: lambda signum, frame: self.received.append(signum) for s in HANDLED})
-        signals_deferred.depth += 1
+        self.nested.depth = getattr(self.nested, "depth", 0) + 1
 
     def __exit__(self, *exc):
-        signals_deferred.depth -= 1
-        if signals_deferred.depth == 0:
+        self.nested.depth -= 1
+        if self.outer:
             for s, handler in self.previous.items():
                 signal.signal(s, handler)
             if self.received:

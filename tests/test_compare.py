@@ -548,6 +548,30 @@ def test_runs_of_different_code_are_never_pooled_as_repeats_of_a_seed(real_data_
     assert "(×2)" not in "\n".join(lines) and any(line.startswith("code: a fingerprint") for line in lines)
 
 
+def test_runs_are_fingerprinted_with_the_code_that_trained_them(real_data_dir, tmp_path):
+    """A learner's sweep.py calls ann.main() per seed: the runs were fingerprinted with sweep.py instead of ann.py.
+    Then common.py is edited while the program runs (a notebook that runs ann.py again, `%run`): the runs were
+    fingerprinted with the common.py on disk, not the one imported. Both runs are ann.py's as the project has it."""
+    copy = tmp_path / "project"
+    copy.mkdir()
+    for name in ("ann.py", "common.py"):
+        shutil.copy(ROOT / name, copy / name)
+    shutil.copytree(ROOT / "plumbing", copy / "plumbing", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "sweep.py").write_text(
+        "import pathlib, sys\nimport ann\n\n"
+        "ann.main(sys.argv[1:] + ['--seed', '1'])\n"
+        "common = pathlib.Path('common.py')\n"
+        "common.write_text(common.read_text() + '\\n# edited while the program runs\\n')\n"
+        "ann.main(sys.argv[1:] + ['--seed', '2'])\n"
+    )
+    out = tmp_path / "runs"
+    done = subprocess.run([sys.executable, "sweep.py", *SMALL, "--out-dir", str(out)], cwd=copy, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(path.read_text()) for path in sorted(out.glob("*/metrics.json"))]
+    assert len(records) == 2 and "edited" in (copy / "common.py").read_text()
+    assert {r["code"] for r in records} == {runs.code_fingerprint(ROOT / "ann.py", records[0]["hparams"])}
+
+
 def test_a_setting_edited_in_the_file_is_the_same_code_as_its_flag(tmp_path):
     """EPOCHS = 5 written in the file is recorded as a setting, as --epochs 5 is: the code is the same."""
     shutil.copy(ROOT / "ann.py", tmp_path / "ann.py")
@@ -587,5 +611,5 @@ def test_a_run_folder_we_may_not_look_into_is_named_and_passed_over(public_dir):
     (runs / "run-001").chmod(0o700)  # root's alone
     done = as_nobody([sys.executable, "compare.py", "--out-dir", str(runs)], public_dir)
     assert done.returncode == 0, done.stderr
-    one_line(done.stderr.strip().splitlines(), "skipping run-001", "cannot look inside it")
+    one_line(done.stderr.strip().splitlines(), "skipping run-001", "cannot look at it")
     assert rows(done.stdout.splitlines())["A"].split()[:3] == ["A", "cnn", "2"]

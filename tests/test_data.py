@@ -237,7 +237,7 @@ def test_a_data_folder_we_may_not_look_into_is_one_line(public_dir):
     argv = [sys.executable, str(project / "ann.py"), "--out-dir", str(public_dir / "runs")]
     done = as_nobody(argv, public_dir)
     assert done.returncode == 2
-    one_line(done.stderr.strip().splitlines(), str(project / "data"), "cannot look inside it", "--data-dir")
+    one_line(done.stderr.strip().splitlines(), str(project / "data"), "cannot look at it", "--data-dir")
 
 
 @pytest.mark.parametrize("holds", ["nothing", "one of the four files"])

@@ -2,16 +2,19 @@
 
 import common
 from plumbing import figures, files
+from plumbing import runs as runs_module
 
 import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -190,6 +193,36 @@ def test_a_stopped_run_is_used_with_the_weights_of_its_last_epoch_and_says_so(fi
     one_line(err.strip().splitlines(), "'interrupted'", f"weights after epoch {last}")
 
 
+def test_a_run_still_training_is_answered_with_the_epoch_saved_while_predict_read_it(runs, tmp_path, test_images):
+    """predict.py reads the record, and while it builds the model the run saves its next epoch: the weights are then
+    of an epoch the record it read does not name. The healthy run was refused as replaced or damaged."""
+    record = json.loads((runs["ann"] / "metrics.json").read_text())
+    at_epoch_1 = {**record, "history": record["history"][:1], "status": "running", "final": None}
+    folder = broken(runs["ann"], tmp_path, lambda f: (f / "metrics.json").write_text(json.dumps(at_epoch_1)))
+    run = runs_module.load_run(folder)  # the record of epoch 1
+    (folder / "metrics.json").write_text(json.dumps(record))  # epoch 2 saved: its record, then its weights
+    logits = predict.rebuilt(run, torch.device("cpu"), "")(test_images[:4])
+    assert logits.shape == (4, 10) and run.weights == "final weights, as evaluated after epoch 2"
+    assert run.final["test_acc"] == record["final"]["test_acc"]
+
+
+def test_a_run_is_not_rebuilt_from_code_edited_since_it_trained(runs, tmp_path, test_images):
+    """The model trained with ReLU, and today's ann.py has Tanh (or a learner's copy trained the Tanh model, then
+    the edit was undone): the weights fit, and the answers, even --test, were another network's, silently. Here
+    the edit is real: a copy of the project whose ANN has Tanh, asked about a run trained by the project's."""
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    for name in ("ann.py", "common.py", "predict.py", "photo_prep.py"):
+        shutil.copy(ROOT / name, copy / name)
+    shutil.copytree(ROOT / "plumbing", copy / "plumbing", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "ann.py").write_text((ROOT / "ann.py").read_text().replace("nn.ReLU(inplace=True)", "nn.Tanh()"))
+    save_raw(test_images[:1], tmp_path / "raw")
+    argv = [sys.executable, "predict.py", str(runs["ann"]), str(tmp_path / "raw"), "--raw", "--out", "p.png"]
+    done = subprocess.run(argv, cwd=copy, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    one_line(done.stderr.strip().splitlines(), "trained with other code than there is now", "train again")
+
+
 def damaged_weights(change):
     """A change to model.pt for broken(): change(state) is saved in its place."""
 
@@ -285,6 +318,22 @@ def test_a_reader_that_stops_early_ends_predict_quietly(runs, test_images, tmp_p
     process.stdout.close()  # the reader is gone before the first line
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 141 and stderr == "", stderr  # 128 + SIGPIPE, as a shell reports `cat`
+
+
+def test_a_stop_while_the_figure_is_drawn_leaves_no_empty_figure(run_copy, test_images, tmp_path):
+    """SIGTERM once predictions.png has claimed its name, before it is drawn: the empty file stayed for good (no
+    viewer opens it, and later calls pass its name over)."""
+    run, folder = run_copy("ann"), save_raw(test_images[:16], tmp_path / "raw")
+    argv = [sys.executable, "predict.py", str(run), str(folder), "--raw"]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "predictions.png").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)  # matplotlib is still being imported: the figure is not drawn yet
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143
+    one_line(err.strip().splitlines(), "stopped by SIGTERM")
+    assert not list(run.glob("predictions*"))
 
 
 def test_a_16_bit_image_is_scaled_not_clipped(runs, test_images, tmp_path):
