@@ -66,9 +66,6 @@ def load_runs(out_dir):
     return sorted(found, key=lambda run: runs.started_at(run[1]))
 
 
-is_number = runs.is_number
-
-
 # ----------------------------------------------------------------------------------------------
 # Groups: the same script and settings; within a group, the runs of each seed.
 
@@ -140,10 +137,7 @@ def describe(group, names):
     """The group's script and the settings that differ between groups, as flags are written (lr=0.05, teacher=""),
     shown as text from a file is."""
     differ = {name: group.settings[name] for name in names if name in group.settings}
-    settings = " ".join(
-        f"{shown(name.lower())}={shown(value)}" if value != "" else f'{shown(name.lower())}=""'
-        for name, value in differ.items()
-    )
+    settings = " ".join(f"{shown(name.lower())}=" + (shown(value) or '""') for name, value in differ.items())
     return f"{shown(group.script)}, {settings}" if settings else shown(group.script)
 
 
@@ -229,8 +223,7 @@ def verdict(comparison):
     """The comparison as a table cell: +0.35 ± 0.21 pt (paired t, n=3): beyond seed noise."""
     if comparison.half_width is None:
         return f"{comparison.difference:+.2f} pt, {comparison.how}"
-    beyond = abs(comparison.difference) > comparison.half_width
-    words = "beyond seed noise" if beyond else "within seed noise"
+    words = "beyond seed noise" if abs(comparison.difference) > comparison.half_width else "within seed noise"
     return f"{comparison.difference:+.2f} ± {comparison.half_width:.2f} pt ({comparison.how}): {words}"
 
 
@@ -284,43 +277,30 @@ def table(groups, reference, cells):
     the group numbered `reference`."""
     header = "val acc verdict" if reference is None else f"val acc vs {groups[reference].name} (95% interval)"
     rows = [("group", "script", "n", "val acc %", "test acc %", "seconds", header)]
-    for index, group in enumerate(groups):
-        seconds = [r["final"]["seconds"] for r in group.records if is_number(r["final"].get("seconds"))]
-        rows.append(
-            (
-                group.name,
-                shown(group.script),
-                str(len(group.seeds)),
-                spread(per_seed(group, "val_acc").values()),
-                spread(per_seed(group, "test_acc").values()),
-                f"{statistics.mean(seconds):.0f}" if seconds else "-",
-                cells[index],
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    for group, cell in zip(groups, cells, strict=True):
+        seconds = [r["final"]["seconds"] for r in group.records if runs.is_number(r["final"].get("seconds"))]
+        val, test = (spread(per_seed(group, name).values()) for name in ("val_acc", "test_acc"))
+        mean_seconds = f"{statistics.mean(seconds):.0f}" if seconds else "-"
+        rows.append((group.name, shown(group.script), str(len(group.seeds)), val, test, mean_seconds, cell))
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def legend(groups, names):
     """One wrapped line per group below the table: its seeds and the settings that differ between groups."""
-    lines = []
-    for group in groups:
-        text = f"{group.name}  {describe(group, names)}; seeds {seed_list(group)}"
-        lines.append(wrap(text, indent=len(group.name) + 2))
-    return "\n".join(lines)
+    return "\n".join(
+        wrap(f"{g.name}  {describe(g, names)}; seeds {seed_list(g)}", indent=len(g.name) + 2) for g in groups
+    )
 
 
 def notes(reference_label):
-    text = (
+    return wrap(
         "n: seeds (repeats of a seed are averaged first); accuracy: mean ± sd over seeds, in %. "
         f"vs {reference_label}: the difference in mean validation accuracy in percentage points (pt), ± the "
         "half-width of its two-sided 95% interval (Student's t: paired on shared seeds, else Welch); beyond seed "
         "noise when the interval excludes 0; no verdict without a measured spread. Only groups trained alike (script, "
         "subset, val_size, epochs) are compared. Test accuracy is for reporting only."
     )
-    return wrap(text)
 
 
 def wrap(text, indent=0):
@@ -352,11 +332,9 @@ def plot(groups, names, reference, most=20):
         if comparison.paired:  # what a paired test judges: each seed's own difference, however far apart seeds lie
             a, b = per_seed(group, "val_acc"), per_seed(groups[reference], "val_acc")
             for seed in comparison.paired:
-                difference = 100 * (a[seed] - b[seed])
-                right.plot([difference], [row + 0.22], "d", color="tab:purple", alpha=0.6, markersize=5)
-                right.annotate(
-                    str(seed), (difference, row + 0.22), (0, -9), textcoords="offset points", fontsize=6, ha="center"
-                )
+                point = (100 * (a[seed] - b[seed]), row + 0.22)
+                right.plot(*point, "d", color="tab:purple", alpha=0.6, markersize=5)
+                right.annotate(str(seed), point, (0, -9), textcoords="offset points", fontsize=6, ha="center")
         if comparison.half_width is None:
             right.plot([comparison.difference], [row], "x", color="grey")
         else:
@@ -422,9 +400,7 @@ def main(argv=None):
     reference, why = pick_reference(groups, hp.reference)
     names = differing_hparams(groups)
     cells, left_out = judge(groups, reference)
-    print(table(groups, reference, cells))
-    print()
-    print(legend(groups, names))
+    print(table(groups, reference, cells), legend(groups, names), sep="\n\n")
     if "CODE" in names:
         print(wrap(code_note))
     print(wrap(f"reference {'' if reference is None else groups[reference].name + ': '}{why}", indent=2))
@@ -436,9 +412,7 @@ def main(argv=None):
     if any(cell.startswith(("+", "-")) and "no spread" in cell for cell in cells):
         print(wrap(no_spread_note))
     # One figure per selection (compare.png, compare-cnn-last6.png): another selection does not overwrite it.
-    figure = out_dir / (
-        "compare" + (f"-{hp.script}" if hp.script else "") + (f"-last{hp.last}" if hp.last else "") + ".png"
-    )
+    figure = out_dir / f"compare{f'-{hp.script}' if hp.script else ''}{f'-last{hp.last}' if hp.last else ''}.png"
     try:
         files.write_figure(plot, figure, groups, names, reference)
     except common.UserError as error:  # the table above stands

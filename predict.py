@@ -65,9 +65,8 @@ def load_images(paths, raw):
             print(f"{shown(path)}: {problem}", file=sys.stderr)
             continue
         try:
-            array, warning = (
-                (photos.grey_levels(image).round().astype(np.uint8), None) if raw else photos.prepare(image)
-            )
+            prepared = (photos.grey_levels(image).round().astype(np.uint8), None) if raw else photos.prepare(image)
+            array, warning = prepared
         except MemoryError:  # this photo alone: the others are still answered
             print(f"{shown(path)}: too large to prepare in the memory here; crop or shrink it", file=sys.stderr)
             continue
@@ -125,13 +124,10 @@ def input_images(names, out):
 
 
 def same_file(a, b):
-    """Whether two paths name one file: the same path once resolved, or the same file on disk (a hard link, a
-    case-insensitive disk)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
+    """Whether two paths name one file on disk (a link, a hard link, a case-insensitive disk)."""
     try:
         return os.path.samefile(a, b)
-    except OSError:  # either does not exist (yet)
+    except OSError:  # either does not exist (yet): the figure is new
         return False
 
 
@@ -214,16 +210,12 @@ def normalization(run):
 
 
 def main(argv=None):
-    positionals = [
-        (
-            "run",
-            {
-                "help": "a run folder; or ann, cnn or resnet_transfer: that script's latest completed run; or "
-                "cnn:best (ann:best, ...): its completed run with the highest final validation accuracy"
-            },
-        ),
-        ("images", {"nargs": "*", "help": "image files (PNG, JPEG, BMP, WebP) or folders of them"}),
-    ]
+    run_help = (
+        "a run folder; or ann, cnn or resnet_transfer: that script's latest completed run; or cnn:best (ann:best, "
+        "...): its completed run with the highest final validation accuracy"
+    )
+    images_help = {"nargs": "*", "help": "image files (PNG, JPEG, BMP, WebP) or folders of them"}
+    positionals = [("run", {"help": run_help}), ("images", images_help)]
     hp = common.parse_hparams(globals(), argv, positionals, intermixed=True, checks=CHECKS)  # flags anywhere
     folder = Path(expand_path(hp.run))
     script, _, pick = hp.run.partition(":")
@@ -292,16 +284,9 @@ def figure(out, names, images, probabilities, truths, warnings, hp):
     drawn = min(len(names), hp.figure_images)
     claimed = not hp.out
     path = claim_name(out) if claimed else out
+    shown_first = [x[:drawn] for x in (names, images, probabilities, truths, warnings)]
     try:
-        files.write_figure(
-            plot_predictions,
-            path,
-            names[:drawn],
-            images[:drawn],
-            probabilities[:drawn],
-            truths[:drawn],
-            warnings[:drawn],
-        )
+        files.write_figure(plot_predictions, path, *shown_first)
     except BaseException as error:  # a stop while it is drawn included: a figure appears whole or not at all
         if claimed:
             path.unlink(missing_ok=True)  # the empty file that claimed the name
@@ -322,9 +307,8 @@ def claim_name(folder, most=1000):
         except FileExistsError:
             continue
         except OSError as error:
-            raise common.UserError(
-                f"cannot write a figure in {shown(folder)} ({error.strerror}); pass --out FILE"
-            ) from None
+            why = f"cannot write a figure in {shown(folder)} ({error.strerror}); pass --out FILE"
+            raise common.UserError(why) from None
     raise common.UserError(f"{shown(folder)} holds {most} predictions figures; delete some, or pass --out FILE")
 
 

@@ -162,12 +162,10 @@ def cached_features(cache_dir, settings, extract, x_train, x_test, width):
     be saved is said in one line, and the features computed are used all the same."""
     images_hash = hashlib.sha256(x_train.numpy().tobytes() + x_test.numpy().tobytes()).hexdigest()[:16]
     path = cache_dir / f"{settings}-{images_hash}.pt"
-    shapes = {"train": (len(x_train), width), "test": (len(x_test), width)}
     if path.exists():
         try:
             cached = files.load_tensors(path, "feature cache", 4 * width * (len(x_train) + len(x_test)))
-            expected = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}  # float32, no memory
-            if all(usable(cached.get(k), like) for k, like in expected.items()):
+            if all(usable(cached.get(k), (len(x), width)) for k, x in (("train", x_train), ("test", x_test))):
                 return cached["train"], cached["test"], path
             print(f"cache {path} is damaged (its tensors have the wrong shape, type or values); extracting again")
         except common.UserError as error:
@@ -182,9 +180,9 @@ def cached_features(cache_dir, settings, extract, x_train, x_test, width):
     return cached["train"], cached["test"], path
 
 
-def usable(tensor, like):
-    """Whether a cached tensor can stand in for `like`: same shape and dtype, and numbers only (no NaN)."""
-    ok = torch.is_tensor(tensor) and tensor.shape == like.shape and tensor.dtype == like.dtype
+def usable(tensor, shape):
+    """Whether a cached tensor can stand in for fresh features of that shape: float32, and numbers only (no NaN)."""
+    ok = torch.is_tensor(tensor) and tensor.shape == shape and tensor.dtype == torch.float32
     return ok and bool(torch.isfinite(tensor).all())
 
 
@@ -231,11 +229,9 @@ def main(argv=None):
         run.record.update(backbone=hp.backbone, weights=weights_id, image_size=image_size)  # what ran
         backbone = backbone.to(device, memory_format=torch.channels_last)
         preprocess = Preprocess(image_size, mean, std).to(device)
-        model_args = dict(
-            in_features=FEATURES[hp.backbone], dropout=hp.dropout
-        )  # predict.py rebuilds the head from them
+        model_args = dict(in_features=FEATURES[hp.backbone], dropout=hp.dropout)
         head = Head(**model_args).to(device)
-        run.record["model_args"] = model_args
+        run.record["model_args"] = model_args  # predict.py rebuilds the head from them
         data_dir = common.find_fashion_mnist(hp.data_dir)
         x_train, y_train, x_test, y_test = common.take_subset(hp.subset, *common.read_fashion_mnist(data_dir))
         run.record["data_dir"] = str(data_dir)

@@ -70,15 +70,11 @@ def find_fashion_mnist(data_dir=None):
     """The folder holding all four files: the one the user named (downloading into it when they are missing),
     or else the first of ./data and the Debian package's folder that has them (else a download into ./data)."""
     named = _named_folder(data_dir)
-    dirs = (
-        [named, named / "FashionMNIST" / "raw"]
-        if named
-        else [files.HERE / "data", files.HERE / "data" / "FashionMNIST" / "raw", DEBIAN_DIR]
-    )
-    for folder in dirs:
+    base = named or files.HERE / "data"  # where a download goes
+    for folder in [base, base / "FashionMNIST" / "raw", *([] if named else [DEBIAN_DIR])]:
         if all(find_file(folder, name) for name in FILES):
             return folder
-    return _download(named or files.HERE / "data")
+    return _download(base)
 
 
 def _read_capped(path, name):
@@ -123,9 +119,8 @@ def _read_verified(path, name, identity):
         ) from None
     if hashlib.sha256(raw).hexdigest() != FILES[name][1]:
         raise UserError(
-            f"{path}: content is not the official Fashion-MNIST {name} "
-            "(SHA-256 mismatch: truncated, corrupt or another "
-            "dataset); delete it and run again to re-download, or point --data-dir at the right files"
+            f"{path}: content is not the official Fashion-MNIST {name} (SHA-256 mismatch: truncated, corrupt or "
+            "another dataset); delete it and run again to re-download, or point --data-dir at the right files"
         )
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))

@@ -82,10 +82,9 @@ def plot_misclassified(images, labels, logits, count=24):
     """A grid of the test images the model was most confident about and got wrong."""
     from matplotlib.figure import Figure
 
-    probabilities = logits.softmax(1)
-    confidence, predicted = probabilities.max(1)
-    wrong = (predicted != labels).nonzero().flatten()
-    wrong = wrong[confidence[wrong].argsort(descending=True)][:count]
+    confidence, predicted = logits.softmax(1).max(1)
+    mistakes = (predicted != labels).nonzero().flatten()
+    wrong = mistakes[confidence[mistakes].argsort(descending=True)][:count]
     fig = Figure(figsize=(12, 9), dpi=100)
     for k, i in enumerate(wrong.tolist()):
         ax = fig.add_subplot(4, 6, k + 1)
@@ -93,8 +92,7 @@ def plot_misclassified(images, labels, logits, count=24):
         ax.imshow(images[i].float().mean(0).numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predicted[i]]} ({confidence[i]:.0%})", fontsize=8)
         ax.axis("off")
-    mistakes = int((predicted != labels).sum())
-    fig.suptitle(f"the {len(wrong)} most confident of {mistakes:,} mistakes among the {len(labels):,} test images")
+    fig.suptitle(f"the {len(wrong)} most confident of {len(mistakes):,} mistakes among the {len(labels):,} test images")
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, wspace=0.15, hspace=0.55)  # titles clear of images
     return fig
 

@@ -117,10 +117,8 @@ class Run:
         # and not a sweep or an app that calls the lesson's main()); `script`.py where it has none (a notebook).
         source = sys._getframe(1).f_globals.get("__file__")
         source = Path(source).resolve() if source else files.HERE / f"{script}.py"
-        hparams, started = (
-            {k.upper(): v for k, v in vars(hp).items()},
-            datetime.datetime.now().astimezone().isoformat("T", "seconds"),  # local time and its UTC offset
-        )
+        hparams = {k.upper(): v for k, v in vars(hp).items()}
+        started = datetime.datetime.now().astimezone().isoformat("T", "seconds")  # local time and its UTC offset
         self.record = dict(script=script, status="running", device=str(device), device_name=device_name(device))
         self.record.update(precision=precision, torch_version=torch.__version__, started=started)
         self.record.update(hparams=hparams, code=code_fingerprint(source, hparams), history=[], final=None)
@@ -195,10 +193,8 @@ class Run:
         final = {**final, "seconds": time.perf_counter() - self.started}
         shown = " ".join(f"{k}={'n/a' if final[k] is None else f'{final[k]:.2%}'}" for k in list(final)[:3])
         sample = f"train: a sample of {TRAIN_SAMPLE:,}; " if self.record["split_sizes"]["train"] > TRAIN_SAMPLE else ""
-        print(
-            f"{self.script}: {shown} seconds={final['seconds']:.1f} ({sample}{self.views} view(s) of each image)",
-            flush=True,
-        )
+        views = f"{sample}{self.views} view(s) of each image"
+        print(f"{self.script}: {shown} seconds={final['seconds']:.1f} ({views})", flush=True)
         test_logits, test_labels = test_logits.float().cpu(), test_labels.cpu()
         confusion = figures.confusion_matrix(test_logits, test_labels)
         rates = dict(zip(figures.CLASSES, (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(), strict=True))
@@ -335,9 +331,8 @@ class SavedRun(argparse.Namespace):
     """A run folder read back: its `folder`, `record`, `script`, `settings` (by name, checked), `precision` (to ask
     for again), `final` ({train_acc, val_acc, test_acc, ...} or None when the run did not end), once its weights are
     loaded `weights` (the words that say which model.pt holds) and `final_weights` (whether they are those the
-    final accuracies are of),
-    `model_args` (the arguments the script built its model with, checked; {} in runs from before they were
-    recorded)."""
+    final accuracies are of), `model_args` (the arguments the script built its model with, checked; {} in runs from
+    before they were recorded)."""
 
     @property
     def final(self):
@@ -426,11 +421,8 @@ def load_weights(model, run, name, device):
     if run.record.get("status") != "completed":
         print(f"note: the run is {run.record.get('status')!r}, not completed; using its {words}", file=sys.stderr)
     elif not run.final_weights:
-        print(
-            f"note: the run completed, but its final weights could not be saved: model.pt holds its {words}, "
-            "not the weights its accuracies were measured with",
-            file=sys.stderr,
-        )
+        held = f"model.pt holds its {words}, not the weights its accuracies were measured with"
+        print(f"note: the run completed, but its final weights could not be saved: {held}", file=sys.stderr)
     model = model.to_empty(device=device)  # memory, now that the weights are known to fit
     model.load_state_dict(state)
     return model.to(memory_format=torch.channels_last).eval()

@@ -159,14 +159,11 @@ def parse_hparams(namespace, argv=None, positionals=(), intermixed=False, checks
     parser = _OneLineParser(prog=script, description=(namespace.get("__doc__") or "").strip().split("\n")[0])
     for name, keywords in positionals:
         parser.add_argument(name, **keywords)
-    flags = set()
+    flags = set()  # the flags' spellings (a bool's --no- one too): what hyphenated() may rewrite an argument to
     for name, (kind, default) in _constants(namespace, script, checks).items():
         help_text = helps.get(name, "").replace("%", "%%") + " (default: %(default)s)"
-        flags |= {flag(name), "--no-" + flag(name)[2:]} if kind is bool else {flag(name)}
-        if kind is bool:
-            parser.add_argument(flag(name), default=default, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument(flag(name), default=default, type=kind, metavar=name, help=help_text)
+        how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind, metavar=name)
+        flags.update(parser.add_argument(flag(name), default=default, help=help_text, **how).option_strings)
     argv = [hyphenated(arg, flags) for arg in argv or []]
     hp = parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv)
     for name, value in vars(hp).items():

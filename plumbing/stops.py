@@ -25,14 +25,12 @@ def handle(handlers):
     except ValueError:  # "signal only works in main thread": the first install failed, so none was made
         if not _said_not_main:
             _said_not_main.append(True)
-            print(
-                "note: running outside the main thread: Ctrl-C and stop signals are left to the program around it",
-                file=sys.stderr,
-            )
+            print(NOT_MAIN, file=sys.stderr)
         return {}
 
 
 _said_not_main = []
+NOT_MAIN = "note: running outside the main thread: Ctrl-C and stop signals are left to the program around it"
 
 
 def stopped_line(signum):
@@ -127,12 +125,9 @@ def shown(text):
 
 def _out_of_memory(error):
     text, torch = str(error), sys.modules.get("torch")
-    return (
-        isinstance(error, MemoryError)
-        or torch is not None
-        and isinstance(error, torch.OutOfMemoryError)
-        or (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()))
-    )
+    if isinstance(error, MemoryError) or torch is not None and isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 def _output_gone():
@@ -163,12 +158,10 @@ def run_main(main, argv=None, memory=()):
     except Diverged as error:
         print(f"{script}: error: the loss became NaN or infinite ({error}); try a smaller --lr", file=sys.stderr)
         return 1
-    except Stopped as stop:
-        print(f"{script}: {stopped_line(stop.signum)}", file=sys.stderr)
-        return 128 + stop.signum
-    except KeyboardInterrupt:
-        print(f"{script}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or Stopped: SIGTERM, SIGHUP
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"{script}: {stopped_line(signum)}", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         _output_gone()
         return 128 + 13  # as a program ended by SIGPIPE, which Python turns into this exception instead

@@ -613,3 +613,15 @@ def test_a_run_folder_we_may_not_look_into_is_named_and_passed_over(public_dir):
     assert done.returncode == 0, done.stderr
     one_line(done.stderr.strip().splitlines(), "skipping run-001", "cannot look at it")
     assert rows(done.stdout.splitlines())["A"].split()[:3] == ["A", "cnn", "2"]
+
+
+def test_runs_are_ordered_by_the_moment_they_started_whatever_the_time_zone(tmp_path, capsys):
+    """A run started at 12:00 in Tokyo (03:00 UTC) is older than one started at 10:00 in London the same day: ordered
+    by the clock's text, compare's oldest-first list and predict.py's "latest run" had them the other way round."""
+    tokyo, london = fake_record(1, 0.90), fake_record(1, 0.91)
+    tokyo["started"], london["started"] = "2026-01-01T12:00:00+09:00", "2026-01-01T10:00:00+00:00"
+    for name, record in (("cnn-london", london), ("cnn-tokyo", tokyo)):  # the folders' names order them as the text
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(record))
+    assert [folder.name for folder, _ in compare.load_runs(tmp_path)] == ["cnn-tokyo", "cnn-london"]
+    assert runs.latest_run("cnn", out_dir=tmp_path).name == "cnn-london"

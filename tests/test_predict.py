@@ -650,6 +650,20 @@ def test_the_run_used_is_named_with_its_epochs_settings_and_test_accuracy(
     assert first.startswith(f"run: {folder} (") and words.format(test=f"{record['final']['test_acc']:.2%}") in first
 
 
+def test_a_shared_records_words_cannot_forge_the_first_line(run_copy, test_images, tmp_path, capsys):
+    """A record from someone else whose setting and status hold a carriage return and escape sequences: printed raw,
+    they erased the first line and wrote their own ("test accuracy 99.90%"). Shown, they are visible and inert."""
+    folder, images = run_copy("cnn"), save_raw(test_images[:1], tmp_path / "images")
+    record = json.loads((folder / "metrics.json").read_text())
+    record["hparams"]["LABEL_SMOOTHING"] = "0\r\x1b[2Krun: cnn (18 epochs; test accuracy 99.90%)\x1b[8m"
+    record["status"] = "interrupted\x1b]0;title\x07"
+    (folder / "metrics.json").write_text(json.dumps(record))
+    assert common.run_main(predict.main, [str(folder), str(images), "--raw"]) == 0
+    out, err = capsys.readouterr()
+    assert not any(c in out + err for c in "\x1b\x07\r"), (out, err)
+    assert "label_smoothing=0\\r\\x1b[2Krun: cnn" in out.splitlines()[0]
+
+
 def test_a_record_holding_nan_as_older_records_could_is_read_with_the_loss_missing(run_copy, capsys):
     """ "test_loss": NaN (records were not strict JSON before 2026-12-02): the run loads; an accuracy of NaN would
     be damage, a loss of NaN is only a number that is missing."""
