@@ -348,7 +348,7 @@ def plot(groups, names, reference, most=20):
     right.axvline(0, color="black", linewidth=0.8)
     right.set_xlabel(
         f"difference from {'the reference' if reference is None else groups[reference].name} (points), 95% interval"
-        "\nbelow it, paired tests: each seed's own difference (diamonds, each over its seed)"
+        "\ndiamonds: each seed's own difference (paired tests)"
     )
     for ax in (left, right):
         ax.grid(alpha=0.3, axis="x")
