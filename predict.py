@@ -219,7 +219,7 @@ def main(argv=None):
     hp = common.parse_hparams(globals(), argv, positionals, intermixed=True, checks=CHECKS)  # flags anywhere
     folder = Path(expand_path(hp.run))
     script, _, pick = hp.run.partition(":")
-    if script.removesuffix(".py") in runs.RECORDED and pick in ("", "best") and not folder.is_dir():
+    if script.removesuffix(".py") in runs.RECORDED and pick in ("", "best") and files.kind(folder, "run") != "folder":
         folder = runs.latest_run(script.removesuffix(".py"), best=pick == "best")
         folder = Path(os.path.relpath(folder)) if not os.path.relpath(folder).startswith("..") else folder
     out = Path(hp.out) if hp.out else None  # None: a new predictions.png in the run folder, beside the model

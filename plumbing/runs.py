@@ -403,7 +403,8 @@ def load_weights(model, run, name, device):
     mode; weights of another model, or damaged ones, are refused in one line. Weights of an earlier epoch than the
     last (a run stopped, or whose final weights could not be written) are used, and that is said."""
     path = run.folder / "model.pt"
-    if run.record.get("model_code", model_code(model)) != model_code(model):  # records from before it: not checked
+    code = model_code(model)  # records from before it kept none: not checked
+    if run.record.get("model_code", code) != code:
         raise UserError(
             f"{run.folder}: its model ({name}) was trained with other code than there is now (edited since, or "
             "trained by a copy of the script); put that code back, or train again"
